@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="zhiva-model-proxy",
+    version="0.1.0",
+    description="Relay inference requests from a DICOM viewer to AI model APIs via a DICOMweb PACS",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # twisted/plugins has no __init__.py on purpose: it is Twisted's plugin
+    # namespace, and zhiva_plugin.py is dropped into it.
+    packages=find_packages(include=["zhiva", "zhiva.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["zhiva_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "treq>=23.11",
+        "pyOpenSSL>=23.2",
+        "service-identity>=23.1",
+        "zope.interface>=6.0",
+        "pydicom>=2.4",
+        # numpy: the vectorised zhiva-json encoder (bytes -> decimal text at
+        # hundreds of MB/s); orjson: parsing and checking model results of
+        # ~100 MB without stalling a thread for seconds.
+        "numpy>=1.24",
+        "orjson>=3.9",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.90",
+        ],
+    },
+    entry_points={},
+)
