@@ -1,0 +1,22 @@
+# Two entry points a new user needs (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv test clean
+
+$(BIN)/twistd: setup.py $(shell find zhiva twisted -name '*.py')
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet ".[test]"
+	# Twisted's plugin caches: regenerate so twistd and zhiva find every plugin.
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; import zhiva.plugins; list(getPlugins(IPlugin)); list(getPlugins(IPlugin, zhiva.plugins))"
+	touch $@
+
+venv: $(BIN)/twistd
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,158 @@
+"""
+The model request body: instances stream from the source through the
+protocol's encoder into the model connection, with backpressure both ways.
+
+The first instance is awaited before the model is called (``prime``), so a
+selection with no instance is a 404 and never reaches the model.
+"""
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from zhiva.errors import NotFound, ProblemError, UpstreamError
+from zhiva.interfaces import IDicomSource, IInstanceConsumer, IPlanEncoder, IRetrieval
+from zhiva.selection import Plan
+
+
+@implementer(IBodyProducer, IInstanceConsumer)
+class PlanBody:
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, plan: Plan, encoder: IPlanEncoder, source: IDicomSource) -> None:
+        self._fetches = plan.fetches
+        self._encoder = encoder
+        self._source = source
+        self._index = -1
+        self._instances = 0
+        self._retrieval: IRetrieval | None = None
+        self._consumer = None
+        self._pending: list[bytes] = []
+        self._paused = False
+        self._primed: Deferred[None] | None = None
+        self._finished: Deferred[None] | None = None
+        self.error: ProblemError | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.instances = 0
+
+    def prime(self) -> Deferred[None]:
+        """Start fetching; fires once the first instance has begun to arrive."""
+        self._primed = Deferred()
+        self._write(self._encoder.begin())
+        self._next_fetch()
+        return self._primed
+
+    # IBodyProducer
+
+    def startProducing(self, consumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._finished = Deferred()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._write(data)
+        if self.error is not None:
+            self._finished.errback(self.error)
+        elif self._index >= len(self._fetches):
+            self._finished.callback(None)
+        else:
+            self.resumeProducing()
+        return self._finished
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._retrieval is not None:
+            self._retrieval.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._retrieval is not None:
+            self._retrieval.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._finished = None  # must never fire now
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self._retrieval is not None:
+            retrieval, self._retrieval = self._retrieval, None
+            retrieval.stopProducing()
+
+    # IInstanceConsumer
+
+    def instanceStarted(self) -> None:
+        self._write(self._encoder.beginInstance(self._instances))
+        self._instances += 1
+        self.instances += 1
+        if self._consumer is None:
+            # Hold the PACS until the model is connected: at most the chunk
+            # in hand is kept meanwhile.
+            self.pauseProducing()
+        if self._primed is not None and not self._primed.called:
+            self._primed.callback(None)
+
+    def instanceData(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._write(self._encoder.instanceData(data))
+
+    def instanceEnded(self) -> None:
+        self._write(self._encoder.endInstance())
+
+    # Driving the fetches
+
+    def _next_fetch(self) -> None:
+        self._index += 1
+        if self._index == len(self._fetches):
+            self._retrieval = None
+            self._write(self._encoder.end())
+            if self._primed is not None and not self._primed.called:
+                self._fail(NotFound("the request selects no DICOM instance"))
+            elif self._finished is not None:
+                self._finished.callback(None)
+            return
+        fetch = self._fetches[self._index]
+        self._instances = 0
+        self._write(self._encoder.beginFetch(self._index))
+        self._retrieval = self._source.retrieve(fetch.target, self)
+        if self._paused:
+            self._retrieval.pauseProducing()
+        self._retrieval.done.addCallbacks(self._fetched, self._fetch_failed)
+
+    def _fetched(self, count: int) -> None:
+        fetch = self._fetches[self._index]
+        what = fetch.target.describe()
+        if count == 0:
+            self._fail(NotFound(f"{what} has no instances at the PACS"))
+        elif fetch.single and count != 1:
+            self._fail(UpstreamError(f"the PACS sent {count} instances for {what}"))
+        else:
+            self._write(self._encoder.endFetch())
+            self._next_fetch()
+
+    def _fetch_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) and self._retrieval is None:
+            return  # we stopped it
+        if failure.check(ProblemError):
+            self._fail(failure.value)
+        else:
+            self._fail(UpstreamError(f"reading from the PACS failed: {failure.getErrorMessage()}"))
+
+    def _fail(self, error: ProblemError) -> None:
+        self.error = error
+        self._retrieval = None
+        if self._primed is not None and not self._primed.called:
+            self._primed.errback(error)
+        elif self._finished is not None:
+            finished, self._finished = self._finished, None
+            finished.errback(error)
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._consumer is None:
+            self._pending.append(data)
+        else:
+            self.bytes_out += len(data)
+            self._consumer.write(data)

@@ -1,0 +1,239 @@
+"""
+One inference request's pipeline: check it, stream the selected instances
+from the source through the model's protocol to the model, then check the
+model's answer for its task.
+
+``prepare`` does every check that needs no upstream; ``Relay.run`` does the
+rest. Both take the ``Config`` the request started with, so a reload never
+changes a request in flight.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from twisted.internet.defer import CancelledError
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zhiva import inprocess, registry
+from zhiva.body import PlanBody
+from zhiva.config import Config, ModelConfig, ServerConfig
+from zhiva.errors import BadRequest, NotFound, ProblemError, UpstreamError, UpstreamTimeout
+from zhiva.selection import Plan, Route, check_uid, parse_filters, plan
+from zhiva.upstream import BodyTooLarge, ConnectionClosed, IdleTimeout, Upstream, describe, read_body
+
+# A segmentation of a big series is ~100 MB of JSON; leave room.
+MAX_RESULT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request that passed every local check."""
+
+    route: Route
+    model: ModelConfig
+    server: ServerConfig
+    plan: Plan
+    task: object
+    protocol: object
+
+
+@dataclass
+class Timings:
+    """Where a request's time and bytes went, for logs and metrics."""
+
+    started: float = field(default_factory=time.monotonic)
+    pacs_first_byte: float | None = None
+    model_started: float | None = None
+    model_answered: float | None = None
+    bytes_from_pacs: int = 0
+    bytes_to_model: int = 0
+    instances: int = 0
+
+
+def prepare(config: Config, route: Route, server_key: str | None, filters: str | None) -> Job:
+    model = config.models.get(route.model_key)
+    if model is None:
+        raise NotFound(f"no model {route.model_key} in models.json")
+    task = registry.tasks()[model.task]
+    if task.kind != route.kind:
+        raise BadRequest(
+            f"model {model.key} is a {model.task} model; ask for it under /{task.kind}/"
+        )
+    if route.level not in model.supports:
+        raise BadRequest(
+            f"model {model.key} does not support {route.level} requests "
+            f"(it supports {', '.join(sorted(model.supports))})"
+        )
+    target = route.target
+    check_uid("StudyInstanceUID", target.study)
+    if target.series is not None:
+        check_uid("SeriesInstanceUID", target.series)
+    if target.instance is not None:
+        check_uid("SOPInstanceUID", target.instance)
+    if server_key is None:
+        server = config.default_server()
+        if server is None:
+            raise BadRequest("no server query parameter and no server with isDefault: true")
+    else:
+        server = config.servers.get(server_key)
+        if server is None:
+            raise NotFound(f"no server {server_key[:80]!r} in servers.json")
+    chosen = parse_filters(filters, route, model)
+    return Job(
+        route=route,
+        model=model,
+        server=server,
+        plan=plan(route, chosen),
+        task=task,
+        protocol=registry.protocols()[model.protocol],
+    )
+
+
+class Relay:
+    """
+    Owns the upstream connections (one source per server config, one client
+    per model TLS setting) and runs jobs through them.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, threadpool, model_pool) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._model_pool = model_pool
+        self._sources: dict[ServerConfig, object] = {}
+        self._model_upstreams: dict[tuple, Upstream] = {}
+
+    def source(self, server: ServerConfig):
+        source = self._sources.get(server)
+        if source is None:
+            scheme = server.uri.split(":", 1)[0].lower()
+            factory = registry.sources_by_scheme()[scheme]
+            auth = registry.auth_schemes()[server.auth_type].session(
+                server, self.client(server.ca_file, server.tls_verify), self._reactor
+            )
+            source = self._sources[server] = factory.open(server, self._reactor, auth)
+        return source
+
+    def client(self, ca_file=None, verify: bool = True):
+        """A shared treq client for small calls (status checks, sign-ins)."""
+        return self._model_upstream(ca_file, verify).client
+
+    def _model_upstream(self, ca_file, verify: bool) -> Upstream:
+        key = (ca_file, verify)
+        upstream = self._model_upstreams.get(key)
+        if upstream is None:
+            upstream = self._model_upstreams[key] = Upstream(self._reactor, ca_file, verify)
+        return upstream
+
+    async def run(self, job: Job, timings: Timings) -> bytes:
+        """The model's result for ``job`` as plain JSON bytes, checked."""
+        if job.model.plugin is not None:
+            return await inprocess.run(job, self.source(job.server), self._reactor, self._model_pool)
+        encoder = job.protocol.encoder(job.plan)
+        body = PlanBody(job.plan, encoder, self.source(job.server))
+        try:
+            await body.prime()
+            timings.pacs_first_byte = time.monotonic()
+            answer = await self._call_model(job, body, encoder.contentType, timings)
+        finally:
+            body.cancel()
+            timings.bytes_from_pacs = body.bytes_in
+            timings.bytes_to_model = body.bytes_out
+            timings.instances = body.instances
+        timings.model_answered = time.monotonic()
+        return await deferToThreadPool(
+            self._reactor, self._threadpool, decode_result, answer, job
+        )
+
+    async def _call_model(
+        self, job: Job, body: PlanBody, content_type: bytes, timings: Timings
+    ) -> bytes:
+        model = job.model
+        name = f"model {model.key}"
+        upstream = self._model_upstream(model.ca_file, model.tls_verify)
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            request.cancel()
+
+        timings.model_started = time.monotonic()
+        request = upstream.client.post(
+            model.uri,
+            data=body,
+            headers={b"Content-Type": content_type},
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        timer = self._reactor.callLater(model.timeout, on_timeout)
+        try:
+            try:
+                response = await request
+            except CancelledError:
+                if timed_out:
+                    raise UpstreamTimeout(f"{name} did not answer within {model.timeout:g} s") from None
+                raise
+            except Exception as e:
+                if body.error is not None:
+                    raise body.error from None
+                raise UpstreamError(f"{name} is unreachable at {model.uri}: {describe(Failure(e))}") from None
+            if body.error is not None:
+                raise body.error
+            try:
+                answer = await read_body(response, self._reactor, model.timeout, MAX_RESULT_BYTES)
+            except IdleTimeout:
+                raise UpstreamTimeout(f"{name} stopped sending its answer for {model.timeout:g} s") from None
+            except BodyTooLarge:
+                raise UpstreamError(f"{name} answered more than {MAX_RESULT_BYTES} bytes") from None
+            except ConnectionClosed as e:
+                raise UpstreamError(f"{name} broke off its answer: {e}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        if response.code != 200:
+            raise UpstreamError(f"{name} answered HTTP {response.code}{_excerpt(answer)}")
+        return answer
+
+    async def close(self) -> None:
+        for source in self._sources.values():
+            await source.close()
+        for upstream in self._model_upstreams.values():
+            await upstream.close()
+
+
+def decode_result(answer: bytes, job: Job) -> bytes:
+    """
+    Parse, unwrap a double-encoded answer, check it for the task. Runs in a
+    worker thread. Returns the plain JSON to send to the viewer.
+    """
+    name = f"model {job.model.key}"
+    try:
+        result = orjson.loads(answer)
+    except orjson.JSONDecodeError as e:
+        raise UpstreamError(f"{name} answered something that is not JSON ({e}){_excerpt(answer)}") from None
+    plain = answer
+    if isinstance(result, str):
+        # FastAPI's ORJSONResponse models send the result as a JSON string.
+        plain = result.encode("utf-8")
+        try:
+            result = orjson.loads(plain)
+        except orjson.JSONDecodeError as e:
+            raise UpstreamError(f"{name} answered a JSON string that does not hold JSON ({e})") from None
+    try:
+        job.task.check(result, job.route)
+    except ValueError as e:
+        raise UpstreamError(f"{name} answered an invalid {job.model.task} result: {e}") from None
+    return plain
+
+
+def _excerpt(answer: bytes) -> str:
+    text = answer[:200].decode("utf-8", "replace").strip()
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return f": {text[:160]!r}"

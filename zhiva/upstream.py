@@ -1,0 +1,206 @@
+"""
+Outgoing HTTP shared by DICOM sources and model calls: one treq client per
+upstream TLS policy with its own connection pool, a streaming body reader
+with an idle timeout and a size cap, and plain-words descriptions of
+connection failures for problem details.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from OpenSSL.SSL import Error as TLSError
+from treq.client import HTTPClient
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web._newclient import RequestGenerationFailed, RequestTransmissionFailed
+
+from zhiva.tls import UpstreamTLSPolicy
+
+
+class Upstream:
+    """An HTTP client with its own pool; closed when its config goes away."""
+
+    def __init__(self, reactor, ca_file: Path | None = None, verify: bool = True) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 8
+        self.pool.retryAutomatically = False
+        agent = Agent(
+            reactor,
+            contextFactory=UpstreamTLSPolicy(ca_file, verify),
+            pool=self.pool,
+            connectTimeout=30,
+        )
+        self.client = HTTPClient(agent)
+
+    def close(self) -> Deferred:
+        return self.pool.closeCachedConnections()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class IdleTimeout(Exception):
+    pass
+
+
+class ConnectionClosed(Exception):
+    """The upstream closed the connection before the body was complete."""
+
+
+class StreamReader(Protocol):
+    """
+    Hands body chunks to ``on_data`` as they arrive, with backpressure
+    (``pause``/``resume`` reach the socket), an idle timeout that does not
+    run while we are the ones pausing, and a size cap.
+
+    ``finished`` fires with the byte count or fails with ``IdleTimeout``,
+    ``BodyTooLarge``, ``ConnectionClosed`` or whatever ``on_data`` raised.
+    """
+
+    def __init__(
+        self,
+        on_data: Callable[[bytes], None],
+        clock: IReactorTime,
+        idle_timeout: float,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.finished: Deferred[int] = Deferred()
+        self.received = 0
+        self._on_data = on_data
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._max_bytes = max_bytes
+        self._timer: IDelayedCall | None = None
+        self._paused = False
+        self._failed = False
+
+    def connectionMade(self) -> None:
+        if self._paused:
+            self.transport.pauseProducing()
+        else:
+            self._arm()
+
+    def pause(self) -> None:
+        self._paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()
+            self._arm()
+
+    def stop(self, reason: Exception) -> None:
+        """Abandon the body: close the connection and fail ``finished``."""
+        self._fail(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self.received += len(data)
+        if self._max_bytes is not None and self.received > self._max_bytes:
+            self._fail(BodyTooLarge(self._max_bytes))
+            return
+        self._arm()
+        try:
+            self._on_data(data)
+        except BaseException as e:  # noqa: B036 - reported through finished
+            self._fail(e)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._disarm()
+        if self._failed:
+            return
+        self._failed = True
+        if reason is None or reason.check(ResponseDone):
+            self.finished.callback(self.received)
+        elif reason.check(PotentialDataLoss):
+            # No Content-Length and no chunking: the close ends the body.
+            self.finished.callback(self.received)
+        else:
+            self.finished.errback(ConnectionClosed(describe(reason)))
+
+    def _fail(self, reason: BaseException) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()
+        self.finished.errback(Failure(reason))
+
+    def _arm(self) -> None:
+        if self._paused or self._failed:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        else:
+            self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._fail(IdleTimeout(self._idle_timeout))
+
+
+def read_body(response, clock, idle_timeout: float, max_bytes: int) -> Deferred[bytes]:
+    """The whole body of a (small-ish) response, capped and with an idle timeout."""
+    chunks: list[bytes] = []
+    reader = StreamReader(chunks.append, clock, idle_timeout, max_bytes)
+    response.deliverBody(reader)
+    return reader.finished.addCallback(lambda _: b"".join(chunks))
+
+
+def describe(failure: Failure | BaseException) -> str:
+    """A failure in words fit for a problem detail (no secrets: none are in it)."""
+    exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed,
+                        RequestGenerationFailed)):
+        reasons = getattr(exc, "reasons", None) or []
+        for reason in reasons:
+            if not reason.check(CancelledError):
+                return describe(reason)
+        if reasons:
+            return describe(reasons[0])
+    if isinstance(exc, TLSError):
+        return f"TLS handshake failed ({_tls_reason(exc)})"
+    if isinstance(exc, neterror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, neterror.DNSLookupError):
+        return "host name not found"
+    if isinstance(exc, (neterror.TimeoutError, neterror.TCPTimedOutError)):
+        return "connection timed out"
+    if isinstance(exc, neterror.ConnectionLost):
+        return "connection lost"
+    if isinstance(exc, neterror.ConnectionDone):
+        return "connection closed"
+    if isinstance(exc, ConnectionClosed):
+        return str(exc)
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _tls_reason(exc: TLSError) -> str:
+    try:
+        return "; ".join(str(part[2]) for part in exc.args[0]) or "TLS error"
+    except (IndexError, TypeError):
+        return str(exc)[:200]

@@ -1,0 +1,34 @@
+"""CORS: the viewer is a web app served from another origin."""
+from __future__ import annotations
+
+from twisted.web.server import Request
+
+ALLOW_HEADERS = b"Authorization, Accept, Content-Type"
+EXPOSE_HEADERS = b"X-Request-Id"
+
+
+class CORSPolicy:
+    def __init__(self, origins: tuple[str, ...] = ("*",)) -> None:
+        self._any = "*" in origins
+        self._origins = frozenset(o.rstrip("/") for o in origins)
+
+    def apply(self, request: Request) -> None:
+        """Headers every answer carries, errors included."""
+        origin = request.getHeader(b"origin")
+        if self._any:
+            request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        elif origin is not None and origin.decode("latin-1") in self._origins:
+            request.setHeader(b"Access-Control-Allow-Origin", origin)
+            request.setHeader(b"Vary", b"Origin")
+        else:
+            request.setHeader(b"Vary", b"Origin")
+            return
+        request.setHeader(b"Access-Control-Expose-Headers", EXPOSE_HEADERS)
+
+    def preflight(self, request: Request, methods: bytes) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(b"Access-Control-Allow-Methods", methods)
+        request.setHeader(b"Access-Control-Allow-Headers", ALLOW_HEADERS)
+        request.setHeader(b"Access-Control-Max-Age", b"600")
+        request.setHeader(b"Allow", methods)
+        return b""
