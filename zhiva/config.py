@@ -31,7 +31,7 @@ DEFAULT_PACS_TIMEOUT = 60.0
 # Real inference on a big series takes minutes on a CPU-only model server.
 DEFAULT_MODEL_TIMEOUT = 600.0
 
-_DATA_KEY = re.compile(r"^[A-Za-z0-9-]+$")
+_DATA_KEY = re.compile(r"[A-Za-z0-9-]+")
 
 
 class Secret:
@@ -202,6 +202,10 @@ def _load_entries(
             Problem(name, None, None, f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         )
         return {}
+    except (ValueError, RecursionError) as e:
+        # Numbers over Python's digit limit, or nesting deeper than the stack.
+        problems.append(Problem(name, None, None, f"cannot be parsed: {e}"))
+        return {}
     if not isinstance(data, dict):
         problems.append(
             Problem(name, None, None, f"must be a JSON object keyed by UUID, not {_json_type(data)}")
@@ -300,7 +304,10 @@ class _Entry:
         if isinstance(value, str):
             return Secret(value)
         if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):
-            resolved = os.environ.get(value["env"])
+            try:
+                resolved = os.environ.get(value["env"])
+            except ValueError:  # a name the OS cannot encode
+                resolved = None
             if resolved is None:
                 self.problem(name, f'environment variable {value["env"]} is not set')
                 return None
@@ -309,8 +316,9 @@ class _Entry:
             path = self.directory / value["file"]
             try:
                 return Secret(path.read_text(encoding="utf-8").rstrip("\r\n"))
-            except OSError as e:
-                self.problem(name, f"secret file {path} cannot be read: {e.strerror}")
+            except (OSError, ValueError) as e:
+                reason = getattr(e, "strerror", None) or e
+                self.problem(name, f"secret file {path} cannot be read: {reason}")
                 return None
         self.problem(name, 'must be a string, {"env": "VARIABLE"} or {"file": "/path"}')
         return None
@@ -320,7 +328,11 @@ class _Entry:
         if value is None:
             return None
         path = self.directory / value
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError):  # e.g. a name too long for the OS
+            exists = False
+        if not exists:
             self.problem("caFile", f"CA file {path} does not exist")
             return None
         return path
@@ -365,7 +377,10 @@ def _server(entry: _Entry) -> ServerConfig:
     )
     if auth is not None:
         for name in auth.requires:
-            if getattr(server, _ATTRIBUTE[name]) is None:
+            reported = any(
+                (p.file, p.key, p.field) == (entry.file, entry.key, name) for p in entry.problems
+            )
+            if getattr(server, _ATTRIBUTE[name]) is None and not reported:
                 entry.problem(name, f"is required for authType {auth_type!r}")
     return server
 
@@ -428,9 +443,10 @@ def _supports(entry: _Entry) -> frozenset[str]:
     for level in value:
         if level not in LEVELS:
             entry.problem("supports", f"unknown level {json.dumps(level)[:80]}; use {', '.join(LEVELS)}")
-    if len(set(map(str, value))) != len(value):
+    known = [level for level in value if level in LEVELS]
+    if len(set(known)) != len(known):
         entry.problem("supports", "lists a level twice")
-    return frozenset(value)
+    return frozenset(known)
 
 
 def _data_filter(entry: _Entry, value: Any, path: str) -> tuple[DataFilterSpec, ...]:
@@ -446,7 +462,7 @@ def _data_filter(entry: _Entry, value: Any, path: str) -> tuple[DataFilterSpec, 
             entry.problem(where, f"must be an object, not {_json_type(item)}")
             continue
         data_key, title = item.get("dataKey"), item.get("title")
-        if not isinstance(data_key, str) or not _DATA_KEY.match(data_key):
+        if not isinstance(data_key, str) or not _DATA_KEY.fullmatch(data_key):
             entry.problem(f"{where}.dataKey", "must be letters, digits and hyphens")
             continue
         if not isinstance(title, str) or not title:
@@ -499,8 +515,12 @@ def _redact(url: str) -> str:
     if parts.password is None and parts.username is None:
         return url
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number
+        port = None
+    if port:
+        netloc += f":{port}"
     return parts._replace(netloc=netloc).geturl()
 
 

@@ -174,11 +174,11 @@ class Relay:
         try:
             try:
                 response = await request
-            except CancelledError:
+            except Exception as e:
                 if timed_out:
                     raise UpstreamTimeout(f"{name} did not answer within {model.timeout:g} s") from None
-                raise
-            except Exception as e:
+                if isinstance(e, CancelledError):
+                    raise
                 if body.error is not None:
                     raise body.error from None
                 raise UpstreamError(f"{name} is unreachable at {model.uri}: {describe(Failure(e))}") from None

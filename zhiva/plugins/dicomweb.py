@@ -175,18 +175,15 @@ class DicomWebSource:
             headers = dict(await self._auth.headers())
             headers["Accept"] = ACCEPT
             response = await self._request(url, headers, target)
-            if response.code != 401 or attempt == 2:
-                break
+            if response.code != 401:
+                return response
             self.discard(response)
-            if not await self._auth.rejected(headers):
+            if attempt == 2 or not await self._auth.rejected(headers):
                 break
-        if response.code == 401:
-            self.discard(response)
-            raise UpstreamError(
-                f"PACS server {self.server.key} refused our credentials (HTTP 401); "
-                f"check authType and credentials of this server in servers.json"
-            )
-        return response
+        raise UpstreamError(
+            f"PACS server {self.server.key} refused our credentials (HTTP 401); "
+            "check authType and credentials of this server in servers.json"
+        )
 
     async def _request(self, url: str, headers: dict, target: Target):
         timed_out = []
@@ -201,16 +198,14 @@ class DicomWebSource:
         timer = self.clock.callLater(self.server.timeout, on_timeout, d)
         try:
             return await d
-        except CancelledError:
+        except Exception as e:
             if timed_out:
                 raise UpstreamTimeout(
                     f"PACS server {self.server.key} did not answer within "
                     f"{self.server.timeout:g} s for {target.describe()}"
                 ) from None
-            raise
-        except ProblemError:
-            raise
-        except Exception as e:
+            if isinstance(e, (CancelledError, ProblemError)):
+                raise
             raise UpstreamError(
                 f"PACS server {self.server.key} is unreachable: {describe(Failure(e))}"
             ) from None
