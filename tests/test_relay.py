@@ -11,6 +11,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from tests.conftest import AUTH_USERS
 from tests.support.proxy import free_port, make_certificate, start_proxy, write_config
@@ -34,6 +36,7 @@ NONJSON = "aaaaaaaa-0000-4000-8000-000000000009"
 BADSHAPE = "aaaaaaaa-0000-4000-8000-00000000000a"
 SLOW = "aaaaaaaa-0000-4000-8000-00000000000b"
 DOWN_MODEL = "aaaaaaaa-0000-4000-8000-00000000000c"
+PATIENT = "aaaaaaaa-0000-4000-8000-00000000000d"
 
 ALL_LEVELS = ["/studies", "/studies/series", "/studies/series/instances"]
 KIND = {"segmentation": "segmentations", "annotation": "annotations", "prediction": "predictions"}
@@ -95,6 +98,7 @@ def config_dir(tmp_path_factory, orthanc, orthanc_auth, model_server):
             NONJSON: model("/nonjson", "prediction"),
             BADSHAPE: model("/badshape", "prediction"),
             SLOW: model("/slow?seconds=5", "prediction", timeout=1),
+            PATIENT: model("/slow?seconds=3", "prediction"),
             DOWN_MODEL: {
                 "uri": f"http://127.0.0.1:{free_port()}/predict",
                 "task": "prediction",
@@ -350,3 +354,28 @@ async def test_unknown_study_at_the_pacs_is_404(proxy, model_server):
     assert response.code == 404
     assert "1.2.3.4.5.6.7.8.9 not found" in problem["detail"]
     assert model_server.last() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_viewer_hanging_up_cancels_the_upstream_request(proxy, study, model_server):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    path = route("prediction", "/studies/series", study, study.small_series_uid, model=PATIENT)
+    seq = (model_server.last() or {}).get("seq", 0)
+    try:
+        request = proxy.client.get(proxy.url + path, params={"server": AUTH_SERVER})
+        while (model_server.last() or {}).get("seq", 0) == seq:  # until the model has it
+            await deferLater(reactor, 0.05)
+        request.cancel()
+        request.addErrback(lambda _: None)  # our own cancel
+        while not any(e.get("status") == 499 for e in events):
+            await deferLater(reactor, 0.05)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+    (access,) = [e for e in events if e.get("status") == 499]
+    assert access["model"] == PATIENT
+    response, _ = await proxy.get_json(
+        route("prediction", "/studies/series", study, study.small_series_uid), params={"server": AUTH_SERVER}
+    )
+    assert response.code == 200

@@ -23,7 +23,15 @@ from zhiva.body import PlanBody
 from zhiva.config import Config, ModelConfig, ServerConfig
 from zhiva.errors import BadRequest, NotFound, ProblemError, UpstreamError, UpstreamTimeout
 from zhiva.selection import Plan, Route, check_uid, parse_filters, plan
-from zhiva.upstream import BodyTooLarge, ConnectionClosed, IdleTimeout, Upstream, describe, read_body
+from zhiva.upstream import (
+    BodyTooLarge,
+    ConnectionClosed,
+    IdleTimeout,
+    Upstream,
+    describe,
+    is_cancellation,
+    read_body,
+)
 
 # A segmentation of a big series is ~100 MB of JSON; leave room.
 MAX_RESULT_BYTES = 1 << 30
@@ -177,8 +185,8 @@ class Relay:
             except Exception as e:
                 if timed_out:
                     raise UpstreamTimeout(f"{name} did not answer within {model.timeout:g} s") from None
-                if isinstance(e, CancelledError):
-                    raise
+                if is_cancellation(e):
+                    raise CancelledError() from None
                 if body.error is not None:
                     raise body.error from None
                 raise UpstreamError(f"{name} is unreachable at {model.uri}: {describe(Failure(e))}") from None

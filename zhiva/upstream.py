@@ -170,6 +170,14 @@ def read_body(response, clock, idle_timeout: float, max_bytes: int) -> Deferred[
     return reader.finished.addCallback(lambda _: b"".join(chunks))
 
 
+def is_cancellation(exc: BaseException) -> bool:
+    """True when ``exc`` is, or wraps, our own cancel of the request."""
+    if isinstance(exc, CancelledError):
+        return True
+    reasons = getattr(exc, "reasons", None) or []
+    return any(reason.check(CancelledError) for reason in reasons)
+
+
 def describe(failure: Failure | BaseException) -> str:
     """A failure in words fit for a problem detail (no secrets: none are in it)."""
     exc = failure.value if isinstance(failure, Failure) else failure

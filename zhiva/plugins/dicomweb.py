@@ -22,6 +22,7 @@ from zhiva.upstream import (
     StreamReader,
     Upstream,
     describe,
+    is_cancellation,
 )
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -204,7 +205,9 @@ class DicomWebSource:
                     f"PACS server {self.server.key} did not answer within "
                     f"{self.server.timeout:g} s for {target.describe()}"
                 ) from None
-            if isinstance(e, (CancelledError, ProblemError)):
+            if is_cancellation(e):
+                raise CancelledError() from None
+            if isinstance(e, ProblemError):
                 raise
             raise UpstreamError(
                 f"PACS server {self.server.key} is unreachable: {describe(Failure(e))}"

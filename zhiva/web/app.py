@@ -110,8 +110,8 @@ class WebApp:
         )
 
     def _fail(self, request, route, job, failure: Failure, timings: Timings) -> None:
-        if failure.check(CancelledError):
-            self._access(request, route, job, 499, timings)
+        if failure.check(CancelledError) or request._disconnected:
+            self._access(request, route, job, 499, timings)  # the viewer hung up
             return
         if failure.check(ProblemError):
             error = failure.value
