@@ -98,7 +98,9 @@ def test_phantom_lungs_lie_inside_the_body() -> None:
 # ---------------------------------------------------------------- measurements
 
 
-def test_measured_volume_matches_the_analytic_volume(phantom: Phantom, datasets: list[Dataset]) -> None:
+def test_measured_volume_matches_the_analytic_volume(
+    phantom: Phantom, datasets: list[Dataset]
+) -> None:
     result = lungs.measure(datasets)
     study = result[phantom.study_uid]["metadata"]
     series = result[phantom.study_uid][phantom.series_uid]["metadata"]
@@ -163,8 +165,22 @@ def test_instance_route(phantom: Phantom, datasets: list[Dataset], segmented: di
     assert np.array_equal(_mask(alone, phantom, sop), _mask(segmented, phantom, sop))
     measured = lungs.measure([datasets[SLICES // 2]])
     prediction.check(measured, Route("predictions", MODEL_KEY, target))
-    area = _metadata(measured[phantom.study_uid][phantom.series_uid][sop]["metadata"], "Lung area (cm²)")
-    assert area == pytest.approx(_mask(segmented, phantom, sop).sum() * phantom.pixel_spacing_mm**2 / 100, abs=0.1)
+    items = measured[phantom.study_uid][phantom.series_uid][sop]["metadata"]
+    pixels = _mask(segmented, phantom, sop).sum()
+    expected_cm2 = pixels * phantom.pixel_spacing_mm**2 / 100
+    assert _metadata(items, "Lung area (cm²)") == pytest.approx(expected_cm2, abs=0.1)
+
+
+def test_instance_without_lung(phantom: Phantom, datasets: list[Dataset]) -> None:
+    """A slice above the lungs is a valid answer with nothing in it, not an error."""
+    sop = phantom.sop_uids[0]
+    target = Target(phantom.study_uid, phantom.series_uid, sop)
+    alone = lungs.segment(datasets[:1])
+    segmentation.check(alone, Route("segmentations", MODEL_KEY, target))
+    assert alone[phantom.study_uid][phantom.series_uid][sop] == {"segments": []}
+    measured = lungs.measure(datasets[:1])
+    prediction.check(measured, Route("predictions", MODEL_KEY, target))
+    assert _metadata(measured[phantom.study_uid]["metadata"], "Lung volume (ml)") == 0
 
 
 # ---------------------------------------------------------------- components

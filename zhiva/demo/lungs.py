@@ -96,10 +96,12 @@ def measure(datasets: Sequence[Dataset], *, threshold: float = AIR_THRESHOLD_HU)
         for ds, area in zip(volume.slices, areas)
     }
     study, series = _uids(volume.slices)
-    return {study: {"metadata": summary, series: {"metadata": summary, **instances}}}
+    return {study: {"metadata": summary, series: {"metadata": list(summary), **instances}}}
 
 
-def lung_mask(datasets: Sequence[Dataset], *, threshold: float = AIR_THRESHOLD_HU) -> np.ndarray:
+def lung_mask(
+    datasets: Sequence[Dataset], *, threshold: float = AIR_THRESHOLD_HU
+) -> np.ndarray:
     """The lungs as a bool (z, y, x) volume, slices in ``sort_slices`` order."""
     return _lung_labels(load(datasets).hu, threshold)[0] > 0
 
@@ -218,7 +220,8 @@ def _lung_labels(
     ranked.sort(key=lambda i: _mean_column(labels, i))
     lut = np.zeros(count + 1, np.int32)
     lut[ranked] = np.arange(1, len(ranked) + 1)
-    return lut[labels], [Region(name, int(sizes[i])) for name, i in zip(_names(len(ranked)), ranked)]
+    regions = [Region(name, int(sizes[i])) for name, i in zip(_names(len(ranked)), ranked)]
+    return lut[labels], regions
 
 
 def _border_labels(labels: np.ndarray) -> np.ndarray:
