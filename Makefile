@@ -1,9 +1,11 @@
 # Two entry points a new user needs (see README): `make demo` and `make test`.
+# `make demo` writes a phantom study and a config into ./demo and runs the
+# proxy on https://localhost:8002 with them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test clean
+.PHONY: venv demo test clean
 
 $(BIN)/twistd: setup.py $(shell find zhiva twisted -name '*.py')
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +17,12 @@ $(BIN)/twistd: setup.py $(shell find zhiva twisted -name '*.py')
 
 venv: $(BIN)/twistd
 
+demo: venv
+	$(BIN)/python -m zhiva.demo demo
+	exec $(BIN)/twistd --nodaemon --pidfile= zhiva --config-dir demo
+
 test: venv
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo
