@@ -3,6 +3,9 @@
 # proxy on https://localhost:8002 with them.
 PYTHON ?= python3
 VENV ?= .venv
+DEMO_DIR ?= demo
+CERT_DIR ?= .
+PORT ?= 8002
 BIN := $(VENV)/bin
 
 .PHONY: venv demo test clean
@@ -18,8 +21,9 @@ $(BIN)/twistd: setup.py $(shell find zhiva twisted -name '*.py')
 venv: $(BIN)/twistd
 
 demo: venv
-	$(BIN)/python -m zhiva.demo demo
-	exec $(BIN)/twistd --nodaemon --pidfile= zhiva --config-dir demo
+	$(BIN)/python -m zhiva.demo $(DEMO_DIR) --certs $(CERT_DIR) --port $(PORT)
+	exec $(BIN)/twistd --nodaemon --pidfile= zhiva --config-dir $(DEMO_DIR) \
+		--listen ssl:$(PORT):privateKey=$(CERT_DIR)/zhiva.key:certKey=$(CERT_DIR)/zhiva.crt
 
 test: venv
 	$(BIN)/python -m pytest

@@ -37,12 +37,14 @@ class Collect:
         self._parts = []
 
 
-async def fetch_all(plan: Plan, source: IDicomSource) -> dict[Fetch, list[bytes]]:
+async def fetch_all(plan: Plan, source: IDicomSource, timings) -> dict[Fetch, list[bytes]]:
     """Every fetch of the plan, one after the other, as Part 10 bytes."""
     found: dict[Fetch, list[bytes]] = {}
     for fetch in plan.fetches:
         collect = Collect()
         await source.retrieve(fetch.target, collect).done
+        timings.instances += len(collect.files)
+        timings.bytes_from_pacs += sum(map(len, collect.files))
         what = fetch.target.describe()
         if not collect.files:
             raise NotFound(f"{what} has no instances at the PACS")
@@ -82,13 +84,14 @@ def _infer(job, files: dict[Fetch, list[bytes]]) -> bytes:
         raise UpstreamError(f"{name} failed: {type(e).__name__}: {e}") from None
     try:
         job.task.check(result, job.route)
-        return orjson.dumps(result)
+        # pydicom UIDs are str subclasses: allow them as keys.
+        return orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, ValueError) as e:
         raise UpstreamError(f"{name} returned an invalid {job.model.task} result: {e}") from None
 
 
-async def run(job, source: IDicomSource, reactor, pool) -> bytes:
-    files = await fetch_all(job.plan, source)
+async def run(job, source: IDicomSource, reactor, pool, timings) -> bytes:
+    files = await fetch_all(job.plan, source, timings)
     work = deferToThreadPool(reactor, pool, _infer, job, files)
     # A thread cannot be stopped: on timeout the viewer gets its 504 now and
     # the pool's bound keeps runaway models from taking over the proxy.

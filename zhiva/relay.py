@@ -141,7 +141,9 @@ class Relay:
     async def run(self, job: Job, timings: Timings) -> bytes:
         """The model's result for ``job`` as plain JSON bytes, checked."""
         if job.model.plugin is not None:
-            return await inprocess.run(job, self.source(job.server), self._reactor, self._model_pool)
+            return await inprocess.run(
+                job, self.source(job.server), self._reactor, self._model_pool, timings
+            )
         encoder = job.protocol.encoder(job.plan)
         body = PlanBody(job.plan, encoder, self.source(job.server))
         try:
