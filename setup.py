@@ -17,19 +17,23 @@ setup(
         "pyOpenSSL>=23.2",
         "service-identity>=23.1",
         "zope.interface>=6.0",
-        "pydicom>=2.4",
+        "pydicom>=3.0",
         # numpy: the vectorised zhiva-json encoder (bytes -> decimal text at
         # hundreds of MB/s); orjson: parsing and checking model results of
         # ~100 MB without stalling a thread for seconds.
         "numpy>=1.24",
         "orjson>=3.9",
+        # /metrics in the Prometheus text format.
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.90",
+            # parsing docker-compose.yml in the packaging tests.
+            "PyYAML>=6",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["zhiva = zhiva.cli:main"]},
 )

@@ -7,6 +7,8 @@ selection with no instance is a 404 and never reaches the model.
 """
 from __future__ import annotations
 
+import time
+
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -37,6 +39,7 @@ class PlanBody:
         self.bytes_in = 0
         self.bytes_out = 0
         self.instances = 0
+        self.done_at: float | None = None
 
     def prime(self) -> Deferred[None]:
         """Start fetching; fires once the first instance has begun to arrive."""
@@ -106,6 +109,7 @@ class PlanBody:
         self._index += 1
         if self._index == len(self._fetches):
             self._retrieval = None
+            self.done_at = time.monotonic()
             self._write(self._encoder.end())
             if self._primed is not None and not self._primed.called:
                 self._fail(NotFound("the request selects no DICOM instance"))

@@ -14,6 +14,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -541,3 +542,33 @@ def _json_type(value: Any) -> str:
         float: "a number",
         type(None): "null",
     }.get(type(value), type(value).__name__)
+
+
+def changes(old: Config, new: Config) -> list[str]:
+    """
+    What a reload changes, by file, entry and field name; values are never
+    shown (some are secrets).
+    """
+    lines: list[str] = []
+    for name, before, after in (
+        (SERVERS_FILE, old.servers, new.servers),
+        (MODELS_FILE, old.models, new.models),
+    ):
+        for key in sorted(after.keys() - before.keys()):
+            lines.append(f'{name}: entry "{key}" added')
+        for key in sorted(before.keys() - after.keys()):
+            lines.append(f'{name}: entry "{key}" removed')
+        for key in sorted(before.keys() & after.keys()):
+            fields = [
+                _json_name(f.name)
+                for f in dataclass_fields(before[key])
+                if getattr(before[key], f.name) != getattr(after[key], f.name)
+            ]
+            if fields:
+                lines.append(f'{name}: entry "{key}" changed: {", ".join(fields)}')
+    return lines
+
+
+def _json_name(attribute: str) -> str:
+    first, *rest = attribute.split("_")
+    return first + "".join(part.title() for part in rest)

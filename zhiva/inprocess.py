@@ -6,6 +6,7 @@ model API would hold them.
 """
 from __future__ import annotations
 
+import time
 from io import BytesIO
 from typing import Any
 
@@ -92,11 +93,15 @@ def _infer(job, files: dict[Fetch, list[bytes]]) -> bytes:
 
 async def run(job, source: IDicomSource, reactor, pool, timings) -> bytes:
     files = await fetch_all(job.plan, source, timings)
+    timings.pacs_done = timings.model_started = time.monotonic()
     work = deferToThreadPool(reactor, pool, _infer, job, files)
     # A thread cannot be stopped: on timeout the viewer gets its 504 now and
     # the pool's bound keeps runaway models from taking over the proxy.
     work.addTimeout(job.model.timeout, reactor, onTimeoutCancel=_timed_out(job))
-    return await work
+    try:
+        return await work
+    finally:
+        timings.model_answered = time.monotonic()
 
 
 def _timed_out(job):

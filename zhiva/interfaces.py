@@ -90,6 +90,13 @@ class IPacsAuth(Interface):
         worthwhile, False otherwise.
         """
 
+    def describe():
+        """
+        Optional. A dict of public facts for the status page, e.g.
+        ``{"signedIn": True, "accessTokenExpiresAt": "2025-01-01T12:00:00+00:00"}``;
+        never a token or password.
+        """
+
 
 class IPacsAuthScheme(Interface):
     """
@@ -99,10 +106,11 @@ class IPacsAuthScheme(Interface):
     name = Attribute("The authType value, e.g. 'basicAuth'; '' means none")
     requires = Attribute("Config fields that must be set, e.g. ('login', 'password')")
 
-    def session(server, client, reactor) -> IPacsAuth:
+    def session(server, client, reactor, state_dir=None) -> IPacsAuth:
         """
         Auth state for ``server`` using ``client`` (a treq HTTPClient) for any
-        sign-in calls.
+        sign-in calls. ``state_dir`` (a ``pathlib.Path`` or None) is where
+        tokens may be kept across restarts (``--state-dir``).
         """
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,6 +55,7 @@ class Timings:
 
     started: float = field(default_factory=time.monotonic)
     pacs_first_byte: float | None = None
+    pacs_done: float | None = None
     model_started: float | None = None
     model_answered: float | None = None
     bytes_from_pacs: int = 0
@@ -109,11 +110,16 @@ class Relay:
 
     log = Logger()
 
-    def __init__(self, reactor, threadpool, model_pool) -> None:
+    def __init__(self, reactor, threadpool, model_pool, state_dir=None) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
         self._model_pool = model_pool
+        #: Where auth schemes keep tokens across restarts (--state-dir); None: nowhere.
+        self.state_dir = state_dir
         self._sources: dict[ServerConfig, object] = {}
+        self._auths: dict[ServerConfig, object] = {}
+        self._users: dict[int, int] = {}  # id(source) -> requests using it
+        self._retired: dict[int, object] = {}
         self._model_upstreams: dict[tuple, Upstream] = {}
 
     def source(self, server: ServerConfig):
@@ -121,11 +127,51 @@ class Relay:
         if source is None:
             scheme = server.uri.split(":", 1)[0].lower()
             factory = registry.sources_by_scheme()[scheme]
-            auth = registry.auth_schemes()[server.auth_type].session(
-                server, self.client(server.ca_file, server.tls_verify), self._reactor
-            )
-            source = self._sources[server] = factory.open(server, self._reactor, auth)
+            source = self._sources[server] = factory.open(server, self._reactor, self.auth(server))
         return source
+
+    def auth(self, server: ServerConfig):
+        """The ``IPacsAuth`` of ``server``, shared by its source and the status page."""
+        auth = self._auths.get(server)
+        if auth is None:
+            auth = self._auths[server] = registry.auth_schemes()[server.auth_type].session(
+                server,
+                self.client(server.ca_file, server.tls_verify),
+                self._reactor,
+                state_dir=self.state_dir,
+            )
+        return auth
+
+    def reloaded(self, config: Config) -> None:
+        """
+        After a reload: refresh sources whose server is unchanged (a folder
+        re-indexes), retire the others once no request uses them.
+        """
+        current = set(config.servers.values())
+        for server, source in list(self._sources.items()):
+            if server in current:
+                refresh = getattr(source, "refresh", None)
+                if refresh is not None:
+                    maybeDeferred(refresh).addErrback(
+                        lambda f, key=server.key: self.log.failure("re-reading server {key} failed", f, key=key)
+                    )
+                continue
+            del self._sources[server]
+            if self._users.get(id(source)):
+                self._retired[id(source)] = source
+            else:
+                source.close()
+
+    def _acquire(self, source) -> None:
+        self._users[id(source)] = self._users.get(id(source), 0) + 1
+
+    def _release(self, source) -> None:
+        left = self._users[id(source)] = self._users[id(source)] - 1
+        if not left:
+            del self._users[id(source)]
+            retired = self._retired.pop(id(source), None)
+            if retired is not None:
+                retired.close()
 
     def client(self, ca_file=None, verify: bool = True):
         """A shared treq client for small calls (status checks, sign-ins)."""
@@ -140,18 +186,25 @@ class Relay:
 
     async def run(self, job: Job, timings: Timings) -> bytes:
         """The model's result for ``job`` as plain JSON bytes, checked."""
+        source = self.source(job.server)
+        self._acquire(source)
+        try:
+            return await self._run(job, source, timings)
+        finally:
+            self._release(source)
+
+    async def _run(self, job: Job, source, timings: Timings) -> bytes:
         if job.model.plugin is not None:
-            return await inprocess.run(
-                job, self.source(job.server), self._reactor, self._model_pool, timings
-            )
+            return await inprocess.run(job, source, self._reactor, self._model_pool, timings)
         encoder = job.protocol.encoder(job.plan)
-        body = PlanBody(job.plan, encoder, self.source(job.server))
+        body = PlanBody(job.plan, encoder, source)
         try:
             await body.prime()
             timings.pacs_first_byte = time.monotonic()
             answer = await self._call_model(job, body, encoder.contentType, timings)
         finally:
             body.cancel()
+            timings.pacs_done = body.done_at
             timings.bytes_from_pacs = body.bytes_in
             timings.bytes_to_model = body.bytes_out
             timings.instances = body.instances

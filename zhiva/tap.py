@@ -2,7 +2,8 @@
 ``twistd zhiva``: options, start-up checks and the service tree.
 
 A problem that stops start-up (unreadable config, missing certificate) is
-printed as one line saying which file and what to do, and twistd exits 1.
+printed as one line per problem saying which file and what to do, and twistd
+exits 1.
 """
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ import re
 import sys
 from pathlib import Path
 
-from OpenSSL import crypto
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.python import usage
 
 from zhiva import config as configuration
-from zhiva.service import ZhivaService
+from zhiva.logs import LOG_FORMATS, observer_for
+from zhiva.service import DEFAULT_GRACE, ZhivaService
+from zhiva.state import StateDir
+from zhiva.tls import ServerTLS
 from zhiva.web.app import WebApp, ZhivaSite
 from zhiva.web.cors import CORSPolicy
 
 DEFAULT_LISTEN = "ssl:8002:privateKey=zhiva.key:certKey=zhiva.crt"
-OPENSSL_HINT = (
-    "for a local self-signed certificate run: openssl req -x509 -newkey rsa:4096 -sha256 "
-    "-days 365 -nodes -keyout zhiva.key -out zhiva.crt -subj '/CN=localhost'"
-)
+_SSL_KEYS = {"interface", "backlog", "privateKey", "certKey", "extraCertChain"}
 
 
 class StartupError(Exception):
@@ -36,10 +38,15 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve the zhiva inference routes over HTTPS: fetch DICOM from the PACS servers "
-        "of servers.json and relay it to the model APIs of models.json."
+        "of servers.json and relay it to the model APIs of models.json. SIGHUP reloads "
+        "both files and the TLS certificate; SIGTERM stops gracefully."
     )
     optParameters = [
         ["config-dir", "d", ".", "Directory holding servers.json and models.json."],
+        ["grace", None, DEFAULT_GRACE, "Seconds requests in flight may take to finish on stop.", float],
+        ["log-format", None, "text", f"Log format: {' or '.join(LOG_FORMATS)}."],
+        ["log-dir", None, None, "Write rotated log files zhiva.log* here instead of twistd's log."],
+        ["state-dir", None, None, "Keep PACS tokens here across restarts (default: none, nothing kept)."],
     ]
     optFlags = [
         ["status-page", None, "Serve GET /status (also: ZHIVA_SHOW_STATUS_PAGE=true)."],
@@ -63,34 +70,67 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if not self["cors-origin"]:
             self["cors-origin"] = ["*"]
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         env = os.environ.get("ZHIVA_SHOW_STATUS_PAGE", "").strip().lower()
         if env in ("true", "1", "yes"):
             self["status-page"] = True
 
 
-def _endpoint_args(description: str) -> dict[str, str]:
-    parts = re.split(r"(?<!\\):", description)
-    return dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-
-
-def check_tls_files(description: str) -> None:
-    """Fail with a one-line fix when an ``ssl:`` endpoint's files are missing or bad."""
+def server_tls(description: str) -> ServerTLS | None:
+    """The reloadable certificate of an ``ssl:`` endpoint; None for others."""
     if not description.startswith("ssl:"):
-        return
+        return None
     args = _endpoint_args(description)
+    unknown = set(args) - _SSL_KEYS
+    if unknown:
+        raise StartupError(f"--listen {description}: unsupported ssl option(s) {', '.join(sorted(unknown))}")
     key = Path(args.get("privateKey", "server.pem"))
     cert = Path(args.get("certKey", str(key)))
-    for path, what in ((cert, "certificate"), (key, "private key")):
-        if not path.is_file():
-            raise StartupError(f"TLS {what} {path.resolve()} not found (--listen {description}); {OPENSSL_HINT}")
+    chain = Path(args["extraCertChain"]) if "extraCertChain" in args else None
     try:
-        crypto.load_certificate(crypto.FILETYPE_PEM, cert.read_bytes())
-    except (crypto.Error, OSError) as e:
-        raise StartupError(f"TLS certificate {cert.resolve()} is not a readable PEM certificate ({e}); {OPENSSL_HINT}")
+        return ServerTLS(cert, key, chain)
+    except ValueError as e:
+        raise StartupError(f"{e} (--listen {description})") from None
+
+
+def _endpoint_args(description: str) -> dict[str, str]:
+    parts = re.split(r"(?<!\\):", description)
+    return dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+
+
+def _listener(description: str, site, reactor, tls: ServerTLS | None):
+    if tls is None:
+        return strports.service(description, site)
+    parts = re.split(r"(?<!\\):", description)
+    args = _endpoint_args(description)
     try:
-        crypto.load_privatekey(crypto.FILETYPE_PEM, key.read_bytes())
-    except (crypto.Error, OSError) as e:
-        raise StartupError(f"TLS private key {key.resolve()} is not a readable PEM key ({e}); {OPENSSL_HINT}")
+        port = int(parts[1])
+    except (IndexError, ValueError):
+        raise StartupError(f"--listen {description}: the port must be a number") from None
+    endpoint = SSL4ServerEndpoint(
+        reactor,
+        port,
+        tls,
+        backlog=int(args.get("backlog", 50)),
+        interface=args.get("interface", "").replace("\\:", ":"),
+    )
+    return StreamServerEndpointService(endpoint, site)
+
+
+def state_directory(value: str | None) -> Path | None:
+    """The ``--state-dir``, created owner-only if missing; None without the option."""
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        StateDir(path).prepare()
+    except OSError as e:
+        raise StartupError(
+            f"state directory {path.resolve()} cannot be used ({e.strerror or e}) (--state-dir); "
+            "create it writable by the service user"
+        ) from None
+    return path
 
 
 def build(options: Options, reactor) -> ZhivaService:
@@ -98,19 +138,18 @@ def build(options: Options, reactor) -> ZhivaService:
         config = configuration.load(options["config-dir"])
     except configuration.ConfigError as e:
         raise StartupError("\n".join(f"config error: {p}" for p in e.problems)) from None
-    for description in options["listen"]:
-        check_tls_files(description)
-    service = ZhivaService(config, reactor)
+    listening = [(d, server_tls(d)) for d in options["listen"]]
+    service = ZhivaService(config, reactor, grace=options["grace"])
+    service.relay.state_dir = state_directory(options["state-dir"])
+    service.log_observer = observer_for(options["log-format"], options["log-dir"])
     web = WebApp(
-        config=service.current_config,
-        relay=service.relay,
+        service,
         cors=CORSPolicy(tuple(options["cors-origin"])),
         status_page=options["status-page"],
-        clock=reactor,
     )
     site = ZhivaSite(web)
-    for description in options["listen"]:
-        strports.service(description, site).setServiceParent(service)
+    for description, tls in listening:
+        service.listen(_listener(description, site, reactor, tls), tls)
     return service
 
 
@@ -120,5 +159,5 @@ def makeService(options: Options) -> IService:
     try:
         return build(options, reactor)
     except StartupError as e:
-        sys.stderr.write(f"zhiva: {e}\n")
+        sys.stderr.write("".join(f"zhiva: {line}\n" for line in str(e).splitlines()))
         raise SystemExit(1)

@@ -343,7 +343,8 @@ def _arrange(headers: list[Header], warnings: list[tuple[str, str]]) -> Index:
 
     def series_order(item) -> tuple:
         (_, series), members = item
-        return (number(min((h.series_number for h in members if h.series_number is not None), default=None)), series)
+        numbers = [h.series_number for h in members if h.series_number is not None]
+        return (number(min(numbers, default=None)), series)
 
     studies: dict[str, dict[str, Mapping[str, str]]] = {}
     for (study, series), members in sorted(by_series.items(), key=series_order):
@@ -597,7 +598,9 @@ class FolderSource:
                     f"({result.value.strerror or type(result.value).__name__})"
                 )
             else:
-                self.log.failure("PACS server {key}: indexing {root} failed", result, key=key, root=str(self.root))
+                self.log.failure(
+                    "PACS server {key}: indexing {root} failed", result, key=key, root=str(self.root)
+                )
                 error = UpstreamError(f"PACS server {key}: indexing its DICOM folder failed")
             for d in waiters:
                 d.errback(error)

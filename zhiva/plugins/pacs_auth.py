@@ -34,7 +34,7 @@ class NoAuth:
     name = ""
     requires = ()
 
-    def session(self, server, client, reactor) -> IPacsAuth:
+    def session(self, server, client, reactor, state_dir=None) -> IPacsAuth:
         return StaticHeaders({})
 
 
@@ -43,7 +43,7 @@ class BasicAuth:
     name = "basicAuth"
     requires = ("login", "password")
 
-    def session(self, server, client, reactor) -> IPacsAuth:
+    def session(self, server, client, reactor, state_dir=None) -> IPacsAuth:
         pair = f"{server.login}:{server.password.reveal()}".encode("utf-8")
         return StaticHeaders({"Authorization": "Basic " + b64encode(pair).decode("ascii")})
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import secrets
 import time
 from io import BytesIO
-from typing import Callable
 
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
@@ -17,11 +16,12 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from zhiva.config import Config
 from zhiva.errors import BadRequest, ProblemError
-from zhiva.relay import Relay, Timings, prepare
+from zhiva.relay import Timings, prepare
 from zhiva.selection import Route
 from zhiva.web import problem
 from zhiva.web.cors import CORSPolicy
 from zhiva.web.resources import Root
+from zhiva.web.health import Health, MetricsPage
 from zhiva.web.status import StatusPage
 
 log = Logger(namespace="zhiva.access")
@@ -53,6 +53,11 @@ class ZhivaSite(Site):
         super().__init__(web.root, **kwargs)
         self.web = web
 
+    def log(self, request: ZhivaRequest) -> None:
+        """Inference requests have their own access line; the rest get Twisted's."""
+        if not getattr(request, "logged_by_us", False):
+            super().log(request)
+
     def getResourceFor(self, request: ZhivaRequest):
         request.request_id = secrets.token_hex(8)
         request.setHeader(b"X-Request-Id", request.request_id.encode())
@@ -62,33 +67,33 @@ class ZhivaSite(Site):
 
 
 class WebApp:
-    """What the resources need: the current config, the relay, CORS."""
+    """What the resources need: the service's current config, relay and metrics, CORS."""
 
-    def __init__(
-        self,
-        config: Callable[[], Config],
-        relay: Relay,
-        cors: CORSPolicy,
-        status_page: bool,
-        clock,
-    ) -> None:
-        self.config = config
-        self.relay = relay
+    def __init__(self, service, cors: CORSPolicy, status_page: bool) -> None:
+        self.service = service
+        self.relay = service.relay
+        self.metrics = service.metrics
         self.cors = cors
-        self.clock = clock
         self.root = Root(self)
+        self.root.putChild(b"healthz", Health(self))
+        self.root.putChild(b"metrics", MetricsPage(self, service.metrics.registry))
         if status_page:
             self.root.putChild(b"status", StatusPage(self))
+
+    def config(self) -> Config:
+        return self.service.current_config()
 
     def infer(self, request: ZhivaRequest, route: Route):
         config = self.config()  # this request keeps this config to the end
         timings = Timings()
+        request.logged_by_us = True
         try:
             job = prepare(config, route, _query(request, b"server"), _query(request, b"data-filters"))
         except ProblemError as error:
             self._access(request, route, None, error.status, timings)
             return problem.prepare(request, error)
         running = ensureDeferred(self.relay.run(job, timings))
+        self.service.track(running)
         request.notifyFinish().addErrback(lambda _: running.cancel())
         running.addCallbacks(
             lambda result: self._answer(request, route, job, result, timings),
@@ -125,19 +130,29 @@ class WebApp:
 
     def _access(self, request, route, job, status, timings: Timings, sent=0, detail=None) -> None:
         now = time.monotonic()
+        model_ms = (
+            ((timings.model_answered or now) - timings.model_started) * 1000
+            if timings.model_started is not None
+            else 0.0
+        )
+        pacs_ms = ((timings.pacs_done or now) - timings.started) * 1000 if job else 0.0
+        model = route.model_key[:64]
+        self.metrics.observe(route.kind, model if job else "-", status, timings, sent)
         log.info(
             "{request_id} {kind}{route_level} model={model} server={server} status={status} "
-            "instances={instances} in={bytes_in} out={bytes_out} total={total_ms:.0f}ms"
-            "{detail_text}",
+            "instances={instances} in={bytes_in} out={bytes_out} "
+            "pacs={pacs_ms:.0f}ms model={model_ms:.0f}ms total={total_ms:.0f}ms{detail_text}",
             request_id=request.request_id,
             kind=route.kind,
             route_level=route.level.replace("/studies", "", 1) or "/studies",
-            model=route.model_key[:64],
+            model=model,
             server=job.server.key if job else "-",
             status=status,
             instances=timings.instances,
             bytes_in=timings.bytes_from_pacs,
             bytes_out=sent,
+            pacs_ms=pacs_ms,
+            model_ms=model_ms,
             total_ms=(now - timings.started) * 1000,
             detail_text=f" detail={detail!r}" if detail else "",
         )

@@ -58,6 +58,7 @@ class StatusPage(Node):
                 "uri": public_uri(server.uri),
                 "isDefault": server.is_default,
                 "authType": server.auth_type,
+                **_auth_facts(self.app.relay.auth(server)),
                 **check,
             }
         for model, check in zip(models, checks[len(servers) :]):
@@ -110,6 +111,12 @@ class StatusPage(Node):
         request.setHeader(b"Cache-Control", b"no-store")
         request.write(body)
         request.finish()
+
+
+def _auth_facts(auth) -> dict:
+    """What an auth session says of itself (signed in, token expiry); never a secret."""
+    describe = getattr(auth, "describe", None)
+    return dict(describe()) if describe is not None else {}
 
 
 def _html(report: dict) -> str:
