@@ -1113,3 +1113,15 @@ def test_any_models_json_loads_or_raises_config_error(models: Any) -> None:
 @given(text=st.text(max_size=60) | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
 def test_any_servers_text_loads_or_raises_config_error(text: str) -> None:
     load_or_config_error(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), VALID_MODELS)
+
+
+def test_relative_folder_uri_is_a_config_error(tmp_path):
+    key = "16161616-1616-4161-8161-161616161616"
+    (tmp_path / "servers.json").write_text(json.dumps({key: {"uri": "file:demo/dicom"}}))
+    (tmp_path / "models.json").write_text("{}")
+
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path)
+
+    (problem,) = error.value.problems
+    assert (problem.file, problem.key, problem.field) == ("servers.json", key, "uri")

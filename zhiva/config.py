@@ -349,8 +349,15 @@ class _Entry:
 
 
 def _server(entry: _Entry) -> ServerConfig:
-    schemes = tuple(registry.sources_by_scheme())
-    uri = entry.url("uri", schemes, required=True)
+    sources = registry.sources_by_scheme()
+    uri = entry.url("uri", tuple(sources), required=True)
+    check_uri = getattr(sources.get(uri.split(":", 1)[0].lower()), "check_uri", None) if uri else None
+    if check_uri is not None:
+        # A source may know more about its URIs (a folder needs an absolute path).
+        message = check_uri(uri)
+        if message:
+            entry.problem("uri", message)
+            uri = None
     auth_type = entry.string("authType") or ""
     auth = registry.auth_schemes().get(auth_type)
     if auth is None:
