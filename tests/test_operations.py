@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 from base64 import b64encode
@@ -232,3 +233,53 @@ def test_check_config(tmp_path, capsys):
     assert f'models.json: entry "{MODEL}": field "task"' in errors
     assert f"TLS private key {key} not found" in errors
     assert "3 problem(s) found" in errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_reindexes_a_folder_source(tmp_path, study, model_server):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    sops = study.series[study.small_series_uid]
+    first, *rest = study.series_files(study.small_series_uid)
+    shutil.copy(first, folder / first.name)
+    config = write_config(
+        tmp_path / "config",
+        {SERVER: {"uri": folder.as_uri(), "isDefault": True}},
+        {MODEL: {"uri": model_server.url + "/prediction", "task": "prediction",
+                 "supports": ["/studies/series/instances"]}},
+    )
+    proxy = start_proxy(reactor, config, *make_certificate(tmp_path))
+    path = f"/predictions/{MODEL}/studies/{study.study_uid}/series/{study.small_series_uid}/instances/{sops[-1]}"
+    try:
+        response, _ = await proxy.get_json(path)
+        assert response.code == 404
+        for path_ in rest:
+            shutil.copy(path_, folder / path_.name)
+
+        assert await proxy.service.reload() is True
+        for _ in range(100):  # the index is rebuilt in a worker thread
+            response, _ = await proxy.get_json(path)
+            if response.code == 200:
+                break
+            await deferLater(reactor, 0.05)
+        assert response.code == 200
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_log_dir_and_format(tmp_path, log_format):
+    from twisted.logger import Logger, LogPublisher
+
+    from zhiva.logs import observer_for
+
+    publisher = LogPublisher(observer_for(log_format, str(tmp_path)))
+    Logger(observer=publisher).info("hello {who}", who="admin")
+
+    name = "zhiva.json.log" if log_format == "json" else "zhiva.log"
+    text = (tmp_path / name).read_text()
+    if log_format == "json":
+        event = json.loads(text.strip().strip("\x1e"))
+        assert event["who"] == "admin" and event["log_format"] == "hello {who}"
+    else:
+        assert text.rstrip().endswith("hello admin")

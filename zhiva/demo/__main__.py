@@ -65,6 +65,31 @@ def write_config(directory: Path, dicom: Path) -> None:
     (directory / "models.json").write_text(json.dumps(models, indent=2) + "\n")
 
 
+def write_real_examples(directory: Path) -> None:
+    """The same config shape for a real Orthanc and a real model API, to copy over."""
+    servers = {
+        SERVER: {
+            "uri": "http://localhost:8042/dicom-web",
+            "isDefault": True,
+            "statusUri": "http://localhost:8042/system",
+            "authType": "basicAuth",
+            "login": "orthanc",
+            "password": {"env": "ORTHANC_PASSWORD"},
+        }
+    }
+    models = {
+        SEGMENTATION: {
+            "uri": "http://localhost:8011/segmentation",
+            "task": "segmentation",
+            "supports": ["/studies/series", "/studies/series/instances"],
+            "statusUri": "http://localhost:8011/docs",
+        },
+        PREDICTION: {"uri": "http://localhost:8011/prediction", "task": "prediction", "supports": LEVELS},
+    }
+    (directory / "servers.orthanc-example.json").write_text(json.dumps(servers, indent=2) + "\n")
+    (directory / "models.model-api-example.json").write_text(json.dumps(models, indent=2) + "\n")
+
+
 def curl_commands(phantom: Phantom, port: int) -> list[str]:
     base = f"https://localhost:{port}"
     series = f"studies/{phantom.study_uid}/series/{phantom.series_uid}"
@@ -88,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     dicom = args.directory / "dicom"
     phantom = write_phantom(dicom, slices=args.slices)
     write_config(args.directory, dicom)
+    write_real_examples(args.directory)
     print(
         f"wrote a {len(phantom.files)}-slice chest CT phantom (lungs {phantom.lung_volume_ml:.0f} ml) "
         f"to {dicom} and a config to {args.directory}/servers.json, models.json\n"
+        f"(for a real Orthanc and model API, see servers.orthanc-example.json and\n"
+        f" models.model-api-example.json beside them)\n"
         "When the proxy says it is listening, paste into another terminal:\n"
     )
     for command in curl_commands(phantom, args.port):
