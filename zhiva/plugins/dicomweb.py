@@ -14,6 +14,7 @@ from zope.interface import implementer
 from zhiva.errors import NotFound, ProblemError, UpstreamError, UpstreamTimeout
 from zhiva.interfaces import IDicomSource, IDicomSourceFactory, IInstanceConsumer, IRetrieval
 from zhiva.multipart import MultipartError, MultipartParser, parse_content_type
+from zhiva.retrieval import settle
 from zhiva.selection import Target
 from zhiva.upstream import (
     BodyTooLarge,
@@ -81,7 +82,7 @@ class WadoRetrieval:
         self._stopped = False
         self._work = ensureDeferred(self._run())
         self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
-        self._work.addBoth(self._finish)
+        self._work.addBoth(lambda result: settle(self.done, result))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -100,14 +101,6 @@ class WadoRetrieval:
         if self._reader is not None:
             self._reader.stop(CancelledError())
         self._work.cancel()
-
-    def _finish(self, result) -> None:
-        if self.done.called:  # cancelled from outside: done has failed already
-            return
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(result)
 
     async def _run(self) -> int:
         server = self._source.server

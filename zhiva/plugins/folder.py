@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from zhiva.errors import NotFound, ProblemError, UpstreamError
 from zhiva.interfaces import IDicomSource, IDicomSourceFactory, IInstanceConsumer, IRetrieval
+from zhiva.retrieval import settle
 from zhiva.selection import Target, is_uid
 
 #: Bytes read from disk per worker-thread call and passed on per instanceData.
@@ -407,7 +408,7 @@ class FolderRetrieval:
         self._waiting: Deferred | None = None
         self._work = ensureDeferred(self._run())
         self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
-        self._work.addBoth(self._finish)
+        self._work.addBoth(lambda result: settle(self.done, result))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -426,14 +427,6 @@ class FolderRetrieval:
         # the coroutine is running (inside a consumer call) it sees _stopped.
         if self._waiting is not None:
             self._waiting.cancel()
-
-    def _finish(self, result) -> None:
-        if self.done.called:  # cancelled from outside: done has failed already
-            return
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(result)
 
     async def _wait(self, d: Deferred):
         self._check()
