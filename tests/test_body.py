@@ -16,7 +16,7 @@ from zhiva.body import PlanBody
 from zhiva.errors import NotFound, UpstreamError
 from zhiva.interfaces import IDicomSource, IRetrieval
 from zhiva.plugins.zhiva_json import protocol
-from zhiva.selection import STUDY, Filter, Route, Target, plan
+from zhiva.selection import Filter, Route, Target, plan
 
 CHUNK = 1000
 

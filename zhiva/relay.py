@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zhiva import inprocess, registry
 from zhiva.body import PlanBody
 from zhiva.config import Config, ModelConfig, ServerConfig
-from zhiva.errors import BadRequest, NotFound, ProblemError, UpstreamError, UpstreamTimeout
+from zhiva.errors import BadRequest, NotFound, UpstreamError, UpstreamTimeout
 from zhiva.selection import Plan, Route, check_uid, parse_filters, plan
 from zhiva.upstream import (
     BodyTooLarge,
@@ -148,6 +148,8 @@ class Relay:
         re-indexes), retire the others once no request uses them.
         """
         current = set(config.servers.values())
+        # Sources still running keep their own auth; new configs get new ones.
+        self._auths = {server: auth for server, auth in self._auths.items() if server in current}
         for server, source in list(self._sources.items()):
             if server in current:
                 refresh = getattr(source, "refresh", None)

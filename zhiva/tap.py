@@ -160,4 +160,4 @@ def makeService(options: Options) -> IService:
         return build(options, reactor)
     except StartupError as e:
         sys.stderr.write("".join(f"zhiva: {line}\n" for line in str(e).splitlines()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
