@@ -25,6 +25,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 
 from tests.support.proxy import free_port, make_certificate, start_proxy, write_config
 from tests.support.token_server import PacsFront, TokenIssuer, listen
@@ -46,6 +47,7 @@ from zhiva.tap import StartupError, state_directory
 TOKEN_SERVER = "0a0a0a0a-0000-4000-8000-000000000001"
 ZHIVA_SERVER = "0a0a0a0a-0000-4000-8000-000000000002"
 MODEL = "0b0b0b0b-0000-4000-8000-000000000001"
+LOCAL_MODEL = "0b0b0b0b-0000-4000-8000-000000000002"
 
 LOGIN = "radiologist"
 PASSWORD = "pacs-password-" + secrets.token_hex(8)
@@ -370,6 +372,32 @@ def test_jwt_claims_without_verifying():
         assert jwt_claims(garbage) == {}
 
 
+@pytest.mark.parametrize(
+    "auth_type, missing",
+    [("token", "authToken"), ("token", "signInTokenServer"), ("zhivaAuth", "login"),
+     ("zhivaAuth", "password"), ("zhivaAuth", "signInServer"), ("zhivaAuth", "signInTokenServer")],
+)
+def test_config_names_each_missing_field(tmp_path, auth_type, missing):
+    entry = {
+        "uri": "http://pacs.test/dicom-web",
+        "authType": auth_type,
+        "authToken": "t",
+        "login": LOGIN,
+        "password": "p",
+        "signInServer": "http://auth.test/sign-in",
+        "signInTokenServer": "http://auth.test/token",
+    }
+    del entry[missing]
+    write_config(tmp_path, {TOKEN_SERVER: entry}, {})
+
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.load(tmp_path)
+
+    (problem,) = caught.value.problems
+    assert (problem.key, problem.field) == (TOKEN_SERVER, missing)
+    assert f"is required for authType {auth_type!r}" in problem.message
+
+
 # Persistence
 
 
@@ -466,6 +494,37 @@ def pacs(issuer, orthanc):
     pytest_twisted.blockon(port.stopListening())
 
 
+class SeriesPrediction(Resource):
+    """
+    A model API in-process, for many concurrent requests: the subprocess
+    model server (tests/support/model_server.py) now and then drops one of 20
+    simultaneous connections ("connection lost"), which is not what this
+    module tests.
+    """
+
+    isLeaf = True
+
+    def __init__(self, study) -> None:
+        super().__init__()
+        self.study = study
+        self.received: list[int] = []
+
+    def render_POST(self, request) -> bytes:
+        instances = json.loads(request.content.read())
+        self.received.append(len(instances))
+        metadata = [{"dataType": "number", "value": len(instances), "title": "Slices"}]
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({self.study.study_uid: {self.study.small_series_uid: {"metadata": metadata}}}).encode()
+
+
+@pytest.fixture
+def local_model(study):
+    model = SeriesPrediction(study)
+    port, model.url = listen(reactor, model)
+    yield model
+    pytest_twisted.blockon(port.stopListening())
+
+
 def servers_json(token_url: str, pacs_url: str) -> dict:
     return {
         TOKEN_SERVER: {
@@ -490,7 +549,7 @@ def servers_json(token_url: str, pacs_url: str) -> dict:
 
 
 @pytest.fixture
-def config_dir(tmp_path, token_url, pacs, model_server, monkeypatch):
+def config_dir(tmp_path, token_url, pacs, model_server, local_model, monkeypatch):
     monkeypatch.setenv(AUTH_TOKEN_ENV, AUTH_TOKEN)
     directory = tmp_path / "config"
     models = {
@@ -498,7 +557,8 @@ def config_dir(tmp_path, token_url, pacs, model_server, monkeypatch):
             "uri": model_server.url + "/prediction",
             "task": "prediction",
             "supports": ["/studies", "/studies/series", "/studies/series/instances"],
-        }
+        },
+        LOCAL_MODEL: {"uri": local_model.url + "/predict", "task": "prediction", "supports": ["/studies/series"]},
     }
     write_config(directory, servers_json(token_url, pacs.url), models)
     (directory / PASSWORD_FILE).write_text(PASSWORD + "\n")
@@ -536,12 +596,12 @@ def proxies(config_dir, state_dir, certificate):
         pytest_twisted.blockon(ensureDeferred(started.stop(proxy)))
 
 
-def series_path(study, server: str) -> str:
-    return f"/predictions/{MODEL}/studies/{study.study_uid}/series/{study.small_series_uid}?server={server}"
+def series_path(study, server: str, model: str = MODEL) -> str:
+    return f"/predictions/{model}/studies/{study.study_uid}/series/{study.small_series_uid}?server={server}"
 
 
-async def infer(proxy, study, server: str):
-    response, body = await proxy.get(series_path(study, server))
+async def infer(proxy, study, server: str, model: str = MODEL):
+    response, body = await proxy.get(series_path(study, server, model))
     if response.code != 200:
         SHOWN.append(body.decode("utf-8", "replace"))
     return response.code, json.loads(body)
@@ -626,7 +686,7 @@ async def test_unreachable_token_server_is_a_502(tmp_path, certificate, pacs, st
 
 @pytest_twisted.ensureDeferred
 async def test_twenty_concurrent_requests_with_an_expired_token_refresh_once(
-    proxies, pacs, issuer, study, config_dir, state_dir
+    proxies, pacs, issuer, study, config_dir, state_dir, local_model
 ):
     # A stored token that expired while the proxy was down, and its refresh token.
     server = configuration.load(config_dir).servers[ZHIVA_SERVER]
@@ -635,9 +695,12 @@ async def test_twenty_concurrent_requests_with_an_expired_token_refresh_once(
     TokenStore(state_dir, server).save(Tokens(expired, issuer.new_refresh_token(), now - 10, now - 600))
     proxy = proxies.start()
 
-    results = await gatherResults([ensureDeferred(infer(proxy, study, ZHIVA_SERVER)) for _ in range(20)])
+    results = await gatherResults(
+        [ensureDeferred(infer(proxy, study, ZHIVA_SERVER, LOCAL_MODEL)) for _ in range(20)]
+    )
 
-    assert [code for code, _ in results] == [200] * 20
+    assert [code for code, _ in results] == [200] * 20, [r for c, r in results if c != 200]
+    assert local_model.received == [len(study.series[study.small_series_uid])] * 20
     assert issuer.calls == {"refresh": 1}
     assert pacs.refused == 0 and pacs.accepted == 20  # the expired token never went out
 
@@ -689,6 +752,7 @@ async def test_status_page_shows_sign_in_state_and_expiry(proxies, issuer, study
     assert datetime.fromisoformat(signed_in["accessTokenExpiresAt"]).timestamp() == exp
     assert idle["authType"] == "token" and idle["signedIn"] is False
     assert idle["accessTokenExpiresAt"] is None
+    assert f"zhivaAuth: signed in, token expires {signed_in['accessTokenExpiresAt']}" in html_body.decode()
 
 
 # Last: nothing secret anywhere

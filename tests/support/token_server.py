@@ -22,15 +22,21 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import warnings
 from collections import Counter
 from functools import cache
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+with warnings.catch_warnings():
+    # twisted.web.proxy is built on the deprecated twisted.web.http.HTTPClient;
+    # good enough for a test PACS front.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from twisted.web.proxy import ReverseProxyResource
 
 ISSUER = "zhiva-test-token-server"
 

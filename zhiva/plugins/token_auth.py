@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,10 +94,11 @@ def bearer(token: str) -> str:
 
 
 def _strip_bearer(value: str) -> str:
-    value = value.strip()
-    if value[:7].lower() == "bearer ":
-        value = value[7:].strip()
-    return value
+    """``Bearer xyz`` or ``xyz`` -> ``xyz``; a bare ``Bearer`` -> ''."""
+    return _BEARER.sub("", value.strip())
+
+
+_BEARER = re.compile(r"^bearer(?:\s+|$)", re.IGNORECASE)
 
 
 def access_token(headers) -> str | None:
@@ -261,7 +263,6 @@ class TokenSession:
     """
 
     log = Logger()
-    scheme = "token"
 
     def __init__(self, server, client, clock, state_dir: str | Path | None = None) -> None:
         self.server = server
@@ -478,8 +479,6 @@ class TokenSession:
 
 class ZhivaAuthSession(TokenSession):
     """``token``, with the auth token got by signing in with login and password first."""
-
-    scheme = "zhivaAuth"
 
     async def _auth_token(self) -> str:
         url = self.server.sign_in_server
