@@ -12,6 +12,7 @@ POST routes: ``/segmentation``, ``/annotation``, ``/prediction`` (``?double=1``
 answers double-encoded like FastAPI ORJSONResponse models), ``/fail500``,
 ``/nonjson``, ``/badshape``, ``/slow?seconds=N``. GET ``/last`` reports what
 the latest POST carried, GET ``/status`` answers ``{"ok": true}``.
+A ``multipart/related`` POST is decoded as ``dicom-multipart`` (README) instead.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pydicom
+
+if __name__ == "__main__":  # run as a script: use this checkout's zhiva, not an installed one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 Uids = tuple[str, str, str]  # study, series, SOP instance
 
@@ -96,6 +100,61 @@ def decode_body(body: bytes, uids: list[Uids]) -> Any:
         else:
             keys[key] = {"data": decode_instance(data, uids)}
     return keys
+
+
+def decode_multipart(body: bytes, content_type: str, uids: list[Uids]) -> Any:
+    """
+    Decode a ``dicom-multipart`` body (README) with our streaming parser and
+    return the zhiva-json-like structure of SOPInstanceUIDs that
+    ``decode_body`` returns, rebuilt from the leading JSON part and the
+    ``Content-ID: <fN.iM@zhiva>`` of each DICOM part.
+    """
+    from zhiva.multipart import MultipartError, MultipartParser, parse_content_type
+
+    media, params = parse_content_type(content_type)
+    if media != "multipart/related" or params.get("type") != "application/dicom":
+        raise BadBody(f"unexpected Content-Type {content_type!r}")
+    parts: list[tuple[dict[str, str], list[bytes]]] = []
+    parser = MultipartParser(
+        params.get("boundary", "").encode("latin-1"),
+        lambda headers: parts.append((headers, [])),
+        lambda data: parts[-1][1].append(data),
+        lambda: None,
+    )
+    try:
+        parser.feed(body)
+        parser.close()
+    except MultipartError as error:
+        raise BadBody(f"bad multipart body: {error}") from error
+    plan = None
+    if parts and parts[0][0].get("content-type") == "application/json":
+        plan = json.loads(b"".join(parts.pop(0)[1]))
+    by_fetch: dict[int, list[str]] = {}
+    for headers, chunks in parts:
+        if headers.get("content-type") != "application/dicom":
+            raise BadBody(f"part of type {headers.get('content-type')!r}")
+        try:
+            ds = pydicom.dcmread(BytesIO(b"".join(chunks)))
+            found = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        except Exception as error:
+            raise BadBody(f"undecodable instance: {error!r}") from error
+        uids.append(found)
+        sop = found[2]
+        fetch, ordinal = headers.get("content-id", "<f0.i0@zhiva>").strip("<>").split("@")[0].split(".")
+        sops = by_fetch.setdefault(int(fetch[1:]), [])
+        if int(ordinal[1:]) != len(sops):
+            raise BadBody(f"part {headers.get('content-id')} out of order")
+        sops.append(sop)
+    if plan is None:
+        return [sop for _, _, sop in uids]
+
+    def rebuild(node: dict[str, Any]) -> Any:
+        if isinstance(node.get("fetch"), int):
+            found = by_fetch.get(node["fetch"], [])
+            return found[0] if plan["fetches"][node["fetch"]]["single"] else found
+        return {key: {"data": rebuild(entry["data"])} for key, entry in node.items()}
+
+    return rebuild(plan["data"])
 
 
 def build_result(task: str, uids: list[Uids]) -> dict[str, Any]:
@@ -185,7 +244,11 @@ class Handler(BaseHTTPRequestHandler):
         error: str | None = None
         keys: Any = None
         try:
-            keys = decode_body(body, uids)
+            content_type = self.headers.get("Content-Type", "")
+            if content_type.startswith("multipart/related"):
+                keys = decode_multipart(body, content_type, uids)
+            else:
+                keys = decode_body(body, uids)
             if not uids:
                 raise BadBody("no instance in the body")
         except BadBody as failure:
