@@ -15,6 +15,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from zhiva.errors import NotFound, ProblemError, UpstreamError
+from zhiva.limits import FetchCounter
 from zhiva.interfaces import IDicomSource, IInstanceConsumer, IPlanEncoder, IRetrieval
 from zhiva.selection import Plan
 
@@ -23,7 +24,9 @@ from zhiva.selection import Plan
 class PlanBody:
     length = UNKNOWN_LENGTH
 
-    def __init__(self, plan: Plan, encoder: IPlanEncoder, source: IDicomSource) -> None:
+    def __init__(self, plan: Plan, encoder: IPlanEncoder, source: IDicomSource, limits=None) -> None:
+        #: max_instances and max_fetch_bytes (zhiva.limits.Limits), checked as data arrives.
+        self._counter = FetchCounter(limits) if limits is not None else None
         self._fetches = plan.fetches
         self._encoder = encoder
         self._source = source
@@ -89,6 +92,8 @@ class PlanBody:
         self._write(self._encoder.beginInstance(self._instances))
         self._instances += 1
         self.instances += 1
+        if self._counter is not None:
+            self._counter.instance()
         if self._consumer is None:
             # Hold the PACS until the model is connected: at most the chunk
             # in hand is kept meanwhile.
@@ -98,6 +103,8 @@ class PlanBody:
 
     def instanceData(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._counter is not None:
+            self._counter.data(len(data))
         self._write(self._encoder.instanceData(data))
 
     def instanceEnded(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from zhiva import registry
+from zhiva.viewer_auth import parse_access
 
 SERVERS_FILE = "servers.json"
 MODELS_FILE = "models.json"
@@ -123,6 +124,8 @@ class ModelConfig:
     ca_file: Path | None = None
     tls_verify: bool = True
     timeout: float = DEFAULT_MODEL_TIMEOUT
+    #: Who may use the model (``access``, zhiva.viewer_auth.AccessRule); None: anyone.
+    access: Any = None
 
     @property
     def plugin(self) -> str | None:
@@ -423,6 +426,7 @@ def _model(entry: _Entry) -> ModelConfig:
         ca_file=entry.ca_file(),
         tls_verify=entry.tls_verify(),
         timeout=entry.seconds("timeout", DEFAULT_MODEL_TIMEOUT),
+        access=parse_access(entry),
     )
 
 

@@ -58,3 +58,29 @@ class UpstreamError(ProblemError):
 class UpstreamTimeout(ProblemError):
     status = 504
     title = "Gateway timeout"
+
+
+class Unauthorized(ProblemError):
+    """No viewer token, or one that does not verify (``--viewer-auth-keys``)."""
+
+    status = 401
+    title = "Unauthorized"
+
+
+class TooMuchData(ProblemError):
+    """The request selects more data than the proxy's limits allow."""
+
+    status = 413
+    title = "Too much data"
+
+
+class URITooLong(ProblemError):
+    status = 414
+    title = "URI too long"
+
+
+class ServiceUnavailable(ProblemError):
+    """A model is busy and its queue is full, or the wait in it ran out."""
+
+    status = 503
+    title = "Service unavailable"

@@ -18,19 +18,25 @@ from zope.interface import implementer
 from zhiva import registry
 from zhiva.errors import NotFound, UpstreamError, UpstreamTimeout
 from zhiva.interfaces import IDicomSource, IInstanceConsumer
+from zhiva.limits import FetchCounter
 from zhiva.selection import Fetch, Keyed, Node, Plan
 
 
 @implementer(IInstanceConsumer)
 class Collect:
-    def __init__(self) -> None:
+    def __init__(self, counter=None) -> None:
         self.files: list[bytes] = []
         self._parts: list[bytes] = []
+        self._counter = counter  # zhiva.limits.FetchCounter: the request's caps
 
     def instanceStarted(self) -> None:
+        if self._counter is not None:
+            self._counter.instance()
         self._parts = []
 
     def instanceData(self, data: bytes) -> None:
+        if self._counter is not None:
+            self._counter.data(len(data))
         self._parts.append(data)
 
     def instanceEnded(self) -> None:
@@ -38,11 +44,12 @@ class Collect:
         self._parts = []
 
 
-async def fetch_all(plan: Plan, source: IDicomSource, timings) -> dict[Fetch, list[bytes]]:
+async def fetch_all(plan: Plan, source: IDicomSource, timings, limits=None) -> dict[Fetch, list[bytes]]:
     """Every fetch of the plan, one after the other, as Part 10 bytes."""
     found: dict[Fetch, list[bytes]] = {}
+    counter = FetchCounter(limits) if limits is not None else None
     for fetch in plan.fetches:
-        collect = Collect()
+        collect = Collect(counter)
         await source.retrieve(fetch.target, collect).done
         timings.instances += len(collect.files)
         timings.bytes_from_pacs += sum(map(len, collect.files))
@@ -91,8 +98,8 @@ def _infer(job, files: dict[Fetch, list[bytes]]) -> bytes:
         raise UpstreamError(f"{name} returned an invalid {job.model.task} result: {e}") from None
 
 
-async def run(job, source: IDicomSource, reactor, pool, timings) -> bytes:
-    files = await fetch_all(job.plan, source, timings)
+async def run(job, source: IDicomSource, reactor, pool, timings, limits=None) -> bytes:
+    files = await fetch_all(job.plan, source, timings, limits)
     timings.pacs_done = timings.model_started = time.monotonic()
     work = deferToThreadPool(reactor, pool, _infer, job, files)
     # A thread cannot be stopped: on timeout the viewer gets its 504 now and

@@ -22,6 +22,7 @@ from zhiva import inprocess, registry
 from zhiva.body import PlanBody
 from zhiva.config import Config, ModelConfig, ServerConfig
 from zhiva.errors import BadRequest, NotFound, UpstreamError, UpstreamTimeout
+from zhiva.limits import Limits, ModelGate
 from zhiva.selection import Plan, Route, check_uid, parse_filters, plan
 from zhiva.upstream import (
     BodyTooLarge,
@@ -34,7 +35,7 @@ from zhiva.upstream import (
 )
 
 # A segmentation of a big series is ~100 MB of JSON; leave room.
-MAX_RESULT_BYTES = 1 << 30
+MAX_RESULT_BYTES = Limits.max_result_bytes
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,15 @@ class Relay:
         self._users: dict[int, int] = {}  # id(source) -> requests using it
         self._retired: dict[int, object] = {}
         self._model_upstreams: dict[tuple, Upstream] = {}
+        self.set_limits(Limits())
+
+    def set_limits(self, limits: Limits) -> None:
+        """The caps of ``--max-*`` options; requests already waiting keep the old gate."""
+        self.limits = limits
+        self.gate = ModelGate(
+            self._reactor, limits.model_concurrency, limits.model_queue,
+            limits.queue_timeout, limits.retry_after,
+        )
 
     def source(self, server: ServerConfig):
         source = self._sources.get(server)
@@ -188,18 +198,23 @@ class Relay:
 
     async def run(self, job: Job, timings: Timings) -> bytes:
         """The model's result for ``job`` as plain JSON bytes, checked."""
-        source = self.source(job.server)
-        self._acquire(source)
+        gate, key = self.gate, job.model.key
+        await gate.acquire(key)  # 503 when the model's queue is full or the wait too long
         try:
-            return await self._run(job, source, timings)
+            source = self.source(job.server)
+            self._acquire(source)
+            try:
+                return await self._run(job, source, timings)
+            finally:
+                self._release(source)
         finally:
-            self._release(source)
+            gate.release(key)
 
     async def _run(self, job: Job, source, timings: Timings) -> bytes:
         if job.model.plugin is not None:
-            return await inprocess.run(job, source, self._reactor, self._model_pool, timings)
+            return await inprocess.run(job, source, self._reactor, self._model_pool, timings, self.limits)
         encoder = job.protocol.encoder(job.plan)
-        body = PlanBody(job.plan, encoder, source)
+        body = PlanBody(job.plan, encoder, source, self.limits)
         try:
             await body.prime()
             timings.pacs_first_byte = time.monotonic()
@@ -250,11 +265,13 @@ class Relay:
             if body.error is not None:
                 raise body.error
             try:
-                answer = await read_body(response, self._reactor, model.timeout, MAX_RESULT_BYTES)
+                answer = await read_body(response, self._reactor, model.timeout, self.limits.max_result_bytes)
             except IdleTimeout:
                 raise UpstreamTimeout(f"{name} stopped sending its answer for {model.timeout:g} s") from None
             except BodyTooLarge:
-                raise UpstreamError(f"{name} answered more than {MAX_RESULT_BYTES} bytes") from None
+                raise UpstreamError(
+                    f"{name} answered more than {self.limits.max_result_bytes} bytes (--max-result-bytes)"
+                ) from None
             except ConnectionClosed as e:
                 raise UpstreamError(f"{name} broke off its answer: {e}") from None
         finally:

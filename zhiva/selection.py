@@ -140,6 +140,8 @@ def parse_filters(raw: str | None, route: Route, model: ModelConfig) -> tuple[Fi
         value = json.loads(raw)
     except ValueError as e:
         raise BadRequest(f"data-filters is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("data-filters is nested too deeply") from None
     if value == []:
         return ()
     if route.level == INSTANCE:

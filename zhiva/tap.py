@@ -19,10 +19,12 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.python import usage
 
 from zhiva import config as configuration
+from zhiva.limits import Limits
 from zhiva.logs import LOG_FORMATS, observer_for
 from zhiva.service import DEFAULT_GRACE, ZhivaService
 from zhiva.state import StateDir
 from zhiva.tls import ServerTLS
+from zhiva.viewer_auth import KeyFileError, ViewerAuth, load_keys
 from zhiva.web.app import WebApp, ZhivaSite
 from zhiva.web.cors import CORSPolicy
 
@@ -47,6 +49,18 @@ class Options(usage.Options):
         ["log-format", None, "text", f"Log format: {' or '.join(LOG_FORMATS)}."],
         ["log-dir", None, None, "Write rotated log files zhiva.log* here instead of twistd's log."],
         ["state-dir", None, None, "Keep PACS tokens here across restarts (default: none, nothing kept)."],
+        ["viewer-auth-keys", None, None,
+         "Require viewer JWTs (Authorization: Bearer) signed by the public key(s) of this PEM or JWKS file."],
+        ["viewer-auth-issuer", None, None, "The iss viewer tokens must carry (needed with --viewer-auth-keys)."],
+        ["viewer-auth-audience", None, None, "The aud viewer tokens must carry (needed with --viewer-auth-keys)."],
+        ["max-url-length", None, Limits.max_url_length, "Longest request path and query, bytes (longer: 414).", int],
+        ["max-header-bytes", None, Limits.max_header_bytes, "Request line and headers, bytes (more: 400).", int],
+        ["max-instances", None, Limits.max_instances, "Instances one request may send to a model (more: 413).", int],
+        ["max-fetch-bytes", None, Limits.max_fetch_bytes, "DICOM bytes one request may fetch (more: 413).", int],
+        ["max-result-bytes", None, Limits.max_result_bytes, "Bytes of a model's answer (more: 502).", int],
+        ["model-concurrency", None, Limits.model_concurrency, "Requests one model gets at once.", int],
+        ["model-queue", None, Limits.model_queue, "Requests that may wait for a busy model (more: 503).", int],
+        ["queue-timeout", None, Limits.queue_timeout, "Seconds a request may wait for a busy model (then 503).", float],
     ]
     optFlags = [
         ["status-page", None, "Serve GET /status (also: ZHIVA_SHOW_STATUS_PAGE=true)."],
@@ -72,6 +86,16 @@ class Options(usage.Options):
             self["cors-origin"] = ["*"]
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        for name in ("max-url-length", "max-header-bytes", "max-instances", "max-fetch-bytes",
+                     "max-result-bytes", "model-concurrency", "queue-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0")
+        if self["model-queue"] < 0:
+            raise usage.UsageError("--model-queue must be 0 or more")
+        if self["viewer-auth-keys"] and not (self["viewer-auth-issuer"] and self["viewer-auth-audience"]):
+            raise usage.UsageError("--viewer-auth-keys needs --viewer-auth-issuer and --viewer-auth-audience")
+        if not self["viewer-auth-keys"] and (self["viewer-auth-issuer"] or self["viewer-auth-audience"]):
+            raise usage.UsageError("--viewer-auth-issuer/--viewer-auth-audience need --viewer-auth-keys")
         env = os.environ.get("ZHIVA_SHOW_STATUS_PAGE", "").strip().lower()
         if env in ("true", "1", "yes"):
             self["status-page"] = True
@@ -142,15 +166,50 @@ def build(options: Options, reactor) -> ZhivaService:
     service = ZhivaService(config, reactor, grace=options["grace"])
     service.relay.state_dir = state_directory(options["state-dir"])
     service.log_observer = observer_for(options["log-format"], options["log-dir"])
+    limits = limits_of(options)
+    service.relay.set_limits(limits)
     web = WebApp(
         service,
         cors=CORSPolicy(tuple(options["cors-origin"])),
         status_page=options["status-page"],
     )
+    web.viewer_auth = viewer_auth(options)
+    web.limits = limits
+    if web.viewer_auth is None:
+        for model in config.models.values():
+            if model.access is not None:
+                service.log.warn(
+                    "models.json: entry {key} has access rules but viewer auth is off "
+                    "(--viewer-auth-keys): every request to it gets 403",
+                    key=model.key,
+                )
     site = ZhivaSite(web)
     for description, tls in listening:
         service.listen(_listener(description, site, reactor, tls), tls)
     return service
+
+
+def limits_of(options: Options) -> Limits:
+    return Limits(
+        max_url_length=options["max-url-length"],
+        max_header_bytes=options["max-header-bytes"],
+        max_instances=options["max-instances"],
+        max_fetch_bytes=options["max-fetch-bytes"],
+        max_result_bytes=options["max-result-bytes"],
+        model_concurrency=options["model-concurrency"],
+        model_queue=options["model-queue"],
+        queue_timeout=options["queue-timeout"],
+    )
+
+
+def viewer_auth(options: Options) -> ViewerAuth | None:
+    if not options["viewer-auth-keys"]:
+        return None
+    try:
+        keys = load_keys(options["viewer-auth-keys"])
+    except KeyFileError as e:
+        raise StartupError(f"{e} (--viewer-auth-keys)") from None
+    return ViewerAuth(keys, options["viewer-auth-issuer"], options["viewer-auth-audience"])
 
 
 def makeService(options: Options) -> IService:

@@ -16,9 +16,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from zhiva.config import Config
 from zhiva.errors import BadRequest, ProblemError
+from zhiva.limits import Limits
 from zhiva.relay import Timings, prepare
 from zhiva.selection import Route
-from zhiva.web import problem
+from zhiva.viewer_auth import check_access
+from zhiva.web import guard, problem
 from zhiva.web.cors import CORSPolicy
 from zhiva.web.resources import Root
 from zhiva.web.health import Health, MetricsPage
@@ -63,11 +65,23 @@ class ZhivaSite(Site):
         request.setHeader(b"X-Request-Id", request.request_id.encode())
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         self.web.cors.apply(request)
+        refused = guard.check(self.web, request)  # HSTS, URL length, viewer token
+        if refused is not None:
+            return guard.Refused(refused)
         return super().getResourceFor(request)
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        guard.configure_channel(protocol, self.web.limits)
+        return protocol
 
 
 class WebApp:
     """What the resources need: the service's current config, relay and metrics, CORS."""
+
+    #: zhiva.viewer_auth.ViewerAuth with --viewer-auth-keys; None: no viewer token needed.
+    viewer_auth = None
+    limits = Limits()
 
     def __init__(self, service, cors: CORSPolicy, status_page: bool) -> None:
         self.service = service
@@ -88,6 +102,9 @@ class WebApp:
         timings = Timings()
         request.logged_by_us = True
         try:
+            model = config.models.get(route.model_key)
+            if model is not None:
+                check_access(model, getattr(request, "viewer", None))
             job = prepare(config, route, _query(request, b"server"), _query(request, b"data-filters"))
         except ProblemError as error:
             self._access(request, route, None, error.status, timings)

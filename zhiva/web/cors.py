@@ -19,13 +19,26 @@ class CORSPolicy:
             request.setHeader(b"Access-Control-Allow-Origin", b"*")
         elif origin is not None and origin.decode("latin-1") in self._origins:
             request.setHeader(b"Access-Control-Allow-Origin", origin)
+            # Credentials only for a listed origin, never with "*".
+            request.setHeader(b"Access-Control-Allow-Credentials", b"true")
             request.setHeader(b"Vary", b"Origin")
         else:
             request.setHeader(b"Vary", b"Origin")
             return
         request.setHeader(b"Access-Control-Expose-Headers", EXPOSE_HEADERS)
 
+    def allows(self, request: Request) -> bool:
+        """False for a browser request from an origin off the ``--cors-origin`` list."""
+        origin = request.getHeader(b"origin")
+        return self._any or origin is None or origin.decode("latin-1") in self._origins
+
     def preflight(self, request: Request, methods: bytes) -> bytes:
+        if not self.allows(request):
+            from zhiva.errors import Forbidden
+            from zhiva.web import problem
+
+            shown = request.getHeader(b"origin").decode("latin-1")[:100]
+            return problem.prepare(request, Forbidden(f"origin {shown!r} is not allowed (--cors-origin)"))
         request.setResponseCode(204)
         request.setHeader(b"Access-Control-Allow-Methods", methods)
         request.setHeader(b"Access-Control-Allow-Headers", ALLOW_HEADERS)

@@ -119,6 +119,19 @@ def _auth_facts(auth) -> dict:
     return dict(describe()) if describe is not None else {}
 
 
+def _auth_note(entry: dict) -> str:
+    """The sign-in state of a token-auth server for the HTML table."""
+    if "signedIn" not in entry:
+        return ""
+    if entry["signedIn"]:
+        note = f"; {entry['authType']}: signed in, token expires {entry.get('accessTokenExpiresAt') or 'never'}"
+    else:
+        note = f"; {entry['authType']}: not signed in"
+    if entry.get("authProblem"):
+        note += f" ({entry['authProblem']})"
+    return note
+
+
 def _html(report: dict) -> str:
     rows = []
     for section in ("servers", "models"):
@@ -130,7 +143,7 @@ def _html(report: dict) -> str:
                 f"<td>{html.escape(entry['uri'])}</td>"
                 f'<td style="color:{colour}"><b>{html.escape(entry["status"])}</b></td>'
                 f"<td>{html.escape(str(entry.get('latencyMs', '')))}</td>"
-                f"<td>{html.escape(entry.get('detail', ''))}</td>"
+                f"<td>{html.escape(entry.get('detail', '') + _auth_note(entry))}</td>"
                 f"<td>{html.escape(entry['checkedAt'])}</td>"
                 "</tr>"
             )
