@@ -188,7 +188,9 @@ async def test_url_and_header_caps(config_dir, certificate, study):
 
 @pytest_twisted.ensureDeferred
 async def test_busy_model_queues_then_503_with_retry_after(config_dir, certificate, study, model_server):
-    proxy = start(config_dir, certificate, "--model-concurrency", "1", "--model-queue", "1", "--queue-timeout", "20")
+    # Identical requests would share one run (coalescing): this test is about the queue.
+    proxy = start(config_dir, certificate, "--model-concurrency", "1", "--model-queue", "1", "--queue-timeout", "20",
+                  "--no-coalescing")
     try:
         first = ensureDeferred(proxy.get(series(study, SLOW_MODEL)))
         await deferLater(reactor, 0.3)
@@ -208,7 +210,7 @@ async def test_busy_model_queues_then_503_with_retry_after(config_dir, certifica
 
 @pytest_twisted.ensureDeferred
 async def test_queue_wait_runs_out(config_dir, certificate, study):
-    proxy = start(config_dir, certificate, "--model-concurrency", "1", "--queue-timeout", "0.5")
+    proxy = start(config_dir, certificate, "--model-concurrency", "1", "--queue-timeout", "0.5", "--no-coalescing")
     try:
         first = ensureDeferred(proxy.get(series(study, SLOW_MODEL)))
         await deferLater(reactor, 0.3)

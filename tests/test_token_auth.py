@@ -578,8 +578,8 @@ class Proxies:
         self.state_dir = state_dir
         self.running = []
 
-    def start(self):
-        proxy = start_proxy(reactor, *self.args, "--state-dir", str(self.state_dir), "--status-page")
+    def start(self, *extra: str):
+        proxy = start_proxy(reactor, *self.args, "--state-dir", str(self.state_dir), "--status-page", *extra)
         self.running.append(proxy)
         return proxy
 
@@ -693,7 +693,7 @@ async def test_twenty_concurrent_requests_with_an_expired_token_refresh_once(
     now = int(reactor.seconds())
     expired = issuer.mint(issued_at=now - 600, lifetime=590)
     TokenStore(state_dir, server).save(Tokens(expired, issuer.new_refresh_token(), now - 10, now - 600))
-    proxy = proxies.start()
+    proxy = proxies.start("--no-coalescing")  # 20 separate PACS requests, not one shared run
 
     results = await gatherResults(
         [ensureDeferred(infer(proxy, study, ZHIVA_SERVER, LOCAL_MODEL)) for _ in range(20)]

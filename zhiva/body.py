@@ -42,6 +42,8 @@ class PlanBody:
         self.bytes_in = 0
         self.bytes_out = 0
         self.instances = 0
+        #: Fetches answered by the DICOM cache (zhiva.dicom_cache), for the access log.
+        self.cache_hits = 0
         self.done_at: float | None = None
 
     def prime(self) -> Deferred[None]:
@@ -132,6 +134,8 @@ class PlanBody:
         self._retrieval.done.addCallbacks(self._fetched, self._fetch_failed)
 
     def _fetched(self, count: int) -> None:
+        if getattr(self._retrieval, "cached", False):
+            self.cache_hits += 1
         fetch = self._fetches[self._index]
         what = fetch.target.describe()
         if count == 0:
@@ -159,7 +163,11 @@ class PlanBody:
             finished, self._finished = self._finished, None
             finished.errback(error)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | list[bytes]) -> None:
+        if isinstance(data, list):  # an encoder's output in pieces (zhiva-json)
+            for piece in data:
+                self._write(piece)
+            return
         if not data:
             return
         if self._consumer is None:

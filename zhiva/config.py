@@ -113,6 +113,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ResultCacheConfig:
+    """
+    ``resultCache`` of a models.json entry: keep this model's checked
+    results in memory and answer a repeated identical request from them.
+    Off unless given: a model whose answer may change for the same input
+    (retrained weights behind the same URI) should not have it.
+    """
+
+    ttl: float = 3600.0
+    max_entries: int = 100
+    #: Results bigger than this are not kept; the total per model stays under it too.
+    max_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     key: str
     uri: str
@@ -126,6 +141,8 @@ class ModelConfig:
     timeout: float = DEFAULT_MODEL_TIMEOUT
     #: Who may use the model (``access``, zhiva.viewer_auth.AccessRule); None: anyone.
     access: Any = None
+    #: ``resultCache``; None: every request calls the model.
+    result_cache: ResultCacheConfig | None = None
 
     @property
     def plugin(self) -> str | None:
@@ -427,7 +444,44 @@ def _model(entry: _Entry) -> ModelConfig:
         tls_verify=entry.tls_verify(),
         timeout=entry.seconds("timeout", DEFAULT_MODEL_TIMEOUT),
         access=parse_access(entry),
+        result_cache=_result_cache(entry),
     )
+
+
+_RESULT_CACHE_FIELDS = {
+    # JSON name: (attribute, lowest, highest, integer only)
+    "ttl": ("ttl", 1, 7 * 86400, False),
+    "maxEntries": ("max_entries", 1, 100_000, True),
+    "maxBytes": ("max_bytes", 1, 1 << 40, True),
+}
+
+
+def _result_cache(entry: _Entry) -> ResultCacheConfig | None:
+    """``resultCache``: absent or null is off; ``{}`` is on with the defaults."""
+    value = entry.raw("resultCache")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        entry.problem(
+            "resultCache",
+            f'must be an object such as {{"ttl": 3600, "maxEntries": 100}}, not {_json_type(value)}',
+        )
+        return None
+    found: dict[str, Any] = {}
+    for name, item in value.items():
+        spec = _RESULT_CACHE_FIELDS.get(name)
+        if spec is None:
+            entry.problem(f"resultCache.{name}", "unknown field; use ttl, maxEntries and/or maxBytes")
+            continue
+        attribute, lowest, highest, integer = spec
+        number = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if not number or (integer and not isinstance(item, int)) or not lowest <= item <= highest:
+            kind = "a whole number" if integer else "a number"
+            unit = " of seconds" if name == "ttl" else ""
+            entry.problem(f"resultCache.{name}", f"must be {kind}{unit} from {lowest} to {highest}")
+            continue
+        found[attribute] = float(item) if name == "ttl" else item
+    return ResultCacheConfig(**found)
 
 
 def _model_uri(entry: _Entry) -> str | None:

@@ -50,7 +50,10 @@ async def fetch_all(plan: Plan, source: IDicomSource, timings, limits=None) -> d
     counter = FetchCounter(limits) if limits is not None else None
     for fetch in plan.fetches:
         collect = Collect(counter)
-        await source.retrieve(fetch.target, collect).done
+        retrieval = source.retrieve(fetch.target, collect)
+        await retrieval.done
+        if getattr(retrieval, "cached", False):
+            timings.dicom_hits += 1
         timings.instances += len(collect.files)
         timings.bytes_from_pacs += sum(map(len, collect.files))
         what = fetch.target.describe()

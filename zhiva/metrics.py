@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -45,6 +46,10 @@ class Metrics:
         self._lag_probe: LoopingCall | None = None
         self._worst_lag = 0.0
 
+    def watch(self, relay) -> None:
+        """Export the relay's cache and coalescing counters, read at each scrape."""
+        self.registry.register(CacheCollector(relay))
+
     def observe(self, kind: str, model: str, status: int, timings, sent: int) -> None:
         self.requests.labels(kind, model, str(status)).inc()
         now = time.monotonic()
@@ -79,3 +84,68 @@ class Metrics:
     def stop(self) -> None:
         if self._lag_probe is not None and self._lag_probe.running:
             self._lag_probe.stop()
+
+
+class CacheCollector:
+    """
+    The DICOM cache, coalescing and result cache counters of
+    ``Relay.cache_report()``: the caches keep plain numbers (no Prometheus in
+    their code) and this turns them into metrics when scraped.
+    """
+
+    def __init__(self, relay) -> None:
+        self._relay = relay
+
+    def describe(self):
+        return self._families({
+            "dicom": {"enabled": True, "hits": 0, "misses": 0, "entries": 0, "bytes": 0,
+                      "evictions": {}, "fills": {}},
+            "coalescing": {"coalescedRequests": 0, "inFlight": 0},
+            "results": {"models": {}},
+        })
+
+    def collect(self):
+        return self._families(self._relay.cache_report())
+
+    @staticmethod
+    def _families(report: dict) -> list:
+        found = []
+        dicom = report["dicom"]
+        if dicom["enabled"]:
+            for name, what in (("hits", "served from the DICOM cache"),
+                               ("misses", "fetched from the PACS through the DICOM cache")):
+                counter = CounterMetricFamily(f"zhiva_dicom_cache_{name}", f"Retrieves {what}")
+                counter.add_metric([], dicom[name])
+                found.append(counter)
+            evictions = CounterMetricFamily(
+                "zhiva_dicom_cache_evictions", "DICOM cache entries removed", labels=["reason"]
+            )
+            for reason, count in sorted(dicom["evictions"].items()):
+                evictions.add_metric([reason], count)
+            fills = CounterMetricFamily("zhiva_dicom_cache_fills", "DICOM cache fills ended", labels=["result"])
+            for result, count in sorted(dicom["fills"].items()):
+                fills.add_metric([result], count)
+            size = GaugeMetricFamily("zhiva_dicom_cache_bytes", "Bytes in the DICOM cache")
+            size.add_metric([], dicom["bytes"])
+            entries = GaugeMetricFamily("zhiva_dicom_cache_entries", "Entries in the DICOM cache")
+            entries.add_metric([], dicom["entries"])
+            found += [evictions, fills, size, entries]
+        coalescing = report["coalescing"]
+        coalesced = CounterMetricFamily(
+            "zhiva_coalesced_requests", "Requests that joined an identical request already running"
+        )
+        coalesced.add_metric([], coalescing["coalescedRequests"])
+        shared = GaugeMetricFamily("zhiva_shared_runs_in_flight", "Runs in flight that identical requests may join")
+        shared.add_metric([], coalescing["inFlight"])
+        found += [coalesced, shared]
+        hits = CounterMetricFamily("zhiva_result_cache_hits", "Requests answered from the result cache", labels=["model"])
+        misses = CounterMetricFamily(
+            "zhiva_result_cache_misses", "Requests to a model with a result cache that had no answer", labels=["model"]
+        )
+        cached = GaugeMetricFamily("zhiva_result_cache_bytes", "Bytes of results kept", labels=["model"])
+        for model, numbers in sorted(report["results"]["models"].items()):
+            hits.add_metric([model], numbers["hits"])
+            misses.add_metric([model], numbers["misses"])
+            cached.add_metric([model], numbers["bytes"])
+        found += [hits, misses, cached]
+        return found

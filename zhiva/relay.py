@@ -3,6 +3,11 @@ One inference request's pipeline: check it, stream the selected instances
 from the source through the model's protocol to the model, then check the
 model's answer for its task.
 
+Before running, a request is answered from the model's result cache
+(``resultCache``) when it has the answer, or joins an identical request
+already running (``zhiva.coalesce``); PACS retrieves go through the DICOM
+cache (``zhiva.dicom_cache``) when ``--dicom-cache-dir`` is set.
+
 ``prepare`` does every check that needs no upstream; ``Relay.run`` does the
 rest. Both take the ``Config`` the request started with, so a reload never
 changes a request in flight.
@@ -13,13 +18,16 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zhiva import inprocess, registry
 from zhiva.body import PlanBody
+from zhiva.coalesce import Coalescer
+from zhiva.dicom_cache import LOCAL_SCHEMES, CachedSource
+from zhiva.result_cache import ResultCache
 from zhiva.config import Config, ModelConfig, ServerConfig
 from zhiva.errors import BadRequest, NotFound, UpstreamError, UpstreamTimeout
 from zhiva.limits import Limits, ModelGate
@@ -62,6 +70,27 @@ class Timings:
     bytes_from_pacs: int = 0
     bytes_to_model: int = 0
     instances: int = 0
+    #: Fetches of the plan, and how many the DICOM cache answered.
+    fetches: int = 0
+    dicom_hits: int = 0
+    #: "result" (the result cache answered) or "shared" (joined an identical request).
+    shortcut: str | None = None
+
+    def take(self, run: Timings, with_bytes: bool) -> None:
+        """Copy what a shared run measured; its bytes count once, for the request that started it."""
+        for name in ("pacs_first_byte", "pacs_done", "model_started", "model_answered",
+                     "instances", "fetches", "dicom_hits"):
+            setattr(self, name, getattr(run, name))
+        if with_bytes:
+            self.bytes_from_pacs = run.bytes_from_pacs
+            self.bytes_to_model = run.bytes_to_model
+
+    def cache_note(self) -> str:
+        """What answered without the upstreams, for the access log: "", "result", "shared+dicom", ..."""
+        notes = [self.shortcut] if self.shortcut else []
+        if self.dicom_hits:
+            notes.append("dicom" if self.dicom_hits == self.fetches else f"dicom:{self.dicom_hits}/{self.fetches}")
+        return "+".join(notes)
 
 
 def prepare(config: Config, route: Route, server_key: str | None, filters: str | None) -> Job:
@@ -122,6 +151,12 @@ class Relay:
         self._users: dict[int, int] = {}  # id(source) -> requests using it
         self._retired: dict[int, object] = {}
         self._model_upstreams: dict[tuple, Upstream] = {}
+        #: zhiva.dicom_cache.DicomCache with --dicom-cache-dir; None: every retrieve goes to the PACS.
+        self.dicom_cache = None
+        #: Identical concurrent requests share one run unless --no-coalescing.
+        self.coalescing = True
+        self.coalescer = Coalescer()
+        self.results = ResultCache(reactor)
         self.set_limits(Limits())
 
     def set_limits(self, limits: Limits) -> None:
@@ -137,7 +172,10 @@ class Relay:
         if source is None:
             scheme = server.uri.split(":", 1)[0].lower()
             factory = registry.sources_by_scheme()[scheme]
-            source = self._sources[server] = factory.open(server, self._reactor, self.auth(server))
+            source = factory.open(server, self._reactor, self.auth(server))
+            if self.dicom_cache is not None and scheme not in LOCAL_SCHEMES:
+                source = CachedSource(source, self.dicom_cache, server)
+            self._sources[server] = source
         return source
 
     def auth(self, server: ServerConfig):
@@ -157,6 +195,7 @@ class Relay:
         After a reload: refresh sources whose server is unchanged (a folder
         re-indexes), retire the others once no request uses them.
         """
+        self.results.use(config)
         current = set(config.servers.values())
         # Sources still running keep their own auth; new configs get new ones.
         self._auths = {server: auth for server, auth in self._auths.items() if server in current}
@@ -193,11 +232,37 @@ class Relay:
         key = (ca_file, verify)
         upstream = self._model_upstreams.get(key)
         if upstream is None:
-            upstream = self._model_upstreams[key] = Upstream(self._reactor, ca_file, verify)
+            upstream = self._model_upstreams[key] = Upstream(self._reactor, ca_file, verify, int(__import__("os").environ.get("ZB_MODEL", 65536)))
         return upstream
 
     async def run(self, job: Job, timings: Timings) -> bytes:
         """The model's result for ``job`` as plain JSON bytes, checked."""
+        key = (job.model, job.server, job.route, job.plan)  # equal only under equal configs
+        cached = self.results.get(job.model, key)
+        if cached is not None:
+            timings.shortcut = "result"
+            return cached
+        if not self.coalescing:
+            return await self._run_and_keep(job, key, timings)
+
+        def start():
+            run_timings = Timings(started=timings.started)
+            return ensureDeferred(self._run_and_keep(job, key, run_timings)), run_timings
+
+        waiting, run, started = self.coalescer.join(key, start)
+        if not started:
+            timings.shortcut = "shared"
+        try:
+            return await waiting
+        finally:
+            timings.take(run.context, with_bytes=started)
+
+    async def _run_and_keep(self, job: Job, key, timings: Timings) -> bytes:
+        result = await self._run_gated(job, timings)
+        self.results.put(job.model, key, result)
+        return result
+
+    async def _run_gated(self, job: Job, timings: Timings) -> bytes:
         gate, key = self.gate, job.model.key
         await gate.acquire(key)  # 503 when the model's queue is full or the wait too long
         try:
@@ -211,6 +276,7 @@ class Relay:
             gate.release(key)
 
     async def _run(self, job: Job, source, timings: Timings) -> bytes:
+        timings.fetches = len(job.plan.fetches)
         if job.model.plugin is not None:
             return await inprocess.run(job, source, self._reactor, self._model_pool, timings, self.limits)
         encoder = job.protocol.encoder(job.plan)
@@ -225,6 +291,7 @@ class Relay:
             timings.bytes_from_pacs = body.bytes_in
             timings.bytes_to_model = body.bytes_out
             timings.instances = body.instances
+            timings.dicom_hits = body.cache_hits
         timings.model_answered = time.monotonic()
         return await deferToThreadPool(
             self._reactor, self._threadpool, decode_result, answer, job
@@ -280,6 +347,18 @@ class Relay:
         if response.code != 200:
             raise UpstreamError(f"{name} answered HTTP {response.code}{_excerpt(answer)}")
         return answer
+
+    def cache_report(self) -> dict:
+        """The DICOM cache, coalescing and result cache counters (status page, /metrics)."""
+        return {
+            "dicom": self.dicom_cache.stats() if self.dicom_cache is not None else {"enabled": False},
+            "coalescing": {
+                "enabled": self.coalescing,
+                "inFlight": len(self.coalescer),
+                "coalescedRequests": self.coalescer.coalesced,
+            },
+            "results": self.results.stats(),
+        }
 
     async def close(self) -> None:
         for source in self._sources.values():

@@ -67,6 +67,8 @@ class ZhivaService(MultiService):
         model_pool = ThreadPool(minthreads=0, maxthreads=model_threads, name="zhiva-models")
         ThreadPoolService(model_pool).setServiceParent(self)
         self.relay = Relay(reactor, self._work_pool, model_pool)
+        self.relay.results.use(config)
+        self.metrics.watch(self.relay)
 
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.python import usage
 
 from zhiva import config as configuration
+from zhiva.dicom_cache import DEFAULT_TTL, DicomCache, parse_size
 from zhiva.limits import Limits
 from zhiva.logs import LOG_FORMATS, observer_for
 from zhiva.service import DEFAULT_GRACE, ZhivaService
@@ -61,9 +62,14 @@ class Options(usage.Options):
         ["model-concurrency", None, Limits.model_concurrency, "Requests one model gets at once.", int],
         ["model-queue", None, Limits.model_queue, "Requests that may wait for a busy model (more: 503).", int],
         ["queue-timeout", None, Limits.queue_timeout, "Seconds a request may wait for a busy model (then 503).", float],
+        ["dicom-cache-dir", None, None,
+         "Cache DICOM fetched from PACS servers in this directory (created 0700); default: no cache."],
+        ["dicom-cache-size", None, "10G", "Most the DICOM cache may hold: bytes, or with K, M, G, T (LRU beyond)."],
+        ["dicom-cache-ttl", None, DEFAULT_TTL, "Seconds a cached retrieve is used before it is fetched again.", float],
     ]
     optFlags = [
         ["status-page", None, "Serve GET /status (also: ZHIVA_SHOW_STATUS_PAGE=true)."],
+        ["no-coalescing", None, "Run identical concurrent requests separately (default: they share one run)."],
     ]
 
     def __init__(self) -> None:
@@ -90,6 +96,12 @@ class Options(usage.Options):
                      "max-result-bytes", "model-concurrency", "queue-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0")
+        try:
+            self["dicom-cache-size"] = parse_size(str(self["dicom-cache-size"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--dicom-cache-size: {e}") from None
+        if self["dicom-cache-ttl"] <= 0:
+            raise usage.UsageError("--dicom-cache-ttl must be more than 0")
         if self["model-queue"] < 0:
             raise usage.UsageError("--model-queue must be 0 or more")
         if self["viewer-auth-keys"] and not (self["viewer-auth-issuer"] and self["viewer-auth-audience"]):
@@ -168,6 +180,11 @@ def build(options: Options, reactor) -> ZhivaService:
     service.log_observer = observer_for(options["log-format"], options["log-dir"])
     limits = limits_of(options)
     service.relay.set_limits(limits)
+    service.relay.coalescing = not options["no-coalescing"]
+    cache = dicom_cache(options, reactor)
+    if cache is not None:
+        cache.setServiceParent(service)
+        service.relay.dicom_cache = cache
     web = WebApp(
         service,
         cors=CORSPolicy(tuple(options["cors-origin"])),
@@ -187,6 +204,23 @@ def build(options: Options, reactor) -> ZhivaService:
     for description, tls in listening:
         service.listen(_listener(description, site, reactor, tls), tls)
     return service
+
+
+def dicom_cache(options: Options, reactor) -> DicomCache | None:
+    """The ``--dicom-cache-dir`` cache, its directory made owner-only; None without the option."""
+    if not options["dicom-cache-dir"]:
+        return None
+    cache = DicomCache(
+        Path(options["dicom-cache-dir"]), options["dicom-cache-size"], options["dicom-cache-ttl"], reactor
+    )
+    try:
+        cache.prepare()
+    except OSError as e:
+        raise StartupError(
+            f"DICOM cache directory {cache.directory.resolve()} cannot be used ({e.strerror or e}) "
+            "(--dicom-cache-dir); create it writable by the service user"
+        ) from None
+    return cache
 
 
 def limits_of(options: Options) -> Limits:

@@ -158,7 +158,7 @@ class WebApp:
         log.info(
             "{request_id} {kind}{route_level} model={model} server={server} status={status} "
             "instances={instances} in={bytes_in} out={bytes_out} "
-            "pacs={pacs_ms:.0f}ms model={model_ms:.0f}ms total={total_ms:.0f}ms{detail_text}",
+            "pacs={pacs_ms:.0f}ms model={model_ms:.0f}ms total={total_ms:.0f}ms{cache_text}{detail_text}",
             request_id=request.request_id,
             kind=route.kind,
             route_level=route.level.replace("/studies", "", 1) or "/studies",
@@ -171,6 +171,8 @@ class WebApp:
             pacs_ms=pacs_ms,
             model_ms=model_ms,
             total_ms=(now - timings.started) * 1000,
+            cache=timings.cache_note(),
+            cache_text=f" cache={timings.cache_note()}" if timings.cache_note() else "",
             detail_text=f" detail={detail!r}" if detail else "",
         )
 

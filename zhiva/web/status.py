@@ -69,6 +69,7 @@ class StatusPage(Node):
                 "protocol": model.protocol,
                 **check,
             }
+        report["caches"] = self.app.relay.cache_report()
         return report
 
     async def _check(self, entry) -> dict:
@@ -152,5 +153,29 @@ def _html(report: dict) -> str:
         "<style>body{font-family:sans-serif}td,th{padding:4px 10px;text-align:left}</style>"
         "</head><body><h1>zhiva model proxy</h1><table>"
         "<tr><th>kind</th><th>key</th><th>uri</th><th>status</th><th>latency ms</th>"
-        "<th>detail</th><th>checked</th></tr>" + "".join(rows) + "</table></body></html>"
+        "<th>detail</th><th>checked</th></tr>" + "".join(rows) + "</table>"
+        + _caches_html(report.get("caches")) + "</body></html>"
     )
+
+
+def _caches_html(caches: dict | None) -> str:
+    """One line per cache: enough to see it works; /metrics has the series."""
+    if not caches:
+        return ""
+    dicom, shared, results = caches["dicom"], caches["coalescing"], caches["results"]
+    lines = []
+    if dicom["enabled"]:
+        lines.append(
+            f"DICOM cache: {dicom['hits']} hits, {dicom['misses']} misses, {dicom['entries']} entries, "
+            f"{dicom['bytes']} of {dicom['maxBytes']} bytes, evictions {dicom['evictions']}"
+        )
+    else:
+        lines.append("DICOM cache: off (--dicom-cache-dir)")
+    lines.append(
+        f"Coalescing: {'on' if shared['enabled'] else 'off'}, {shared['coalescedRequests']} requests "
+        f"shared a run, {shared['inFlight']} runs in flight"
+    )
+    lines.append(
+        f"Result cache: {results['hits']} hits, {results['misses']} misses, {results['entries']} results kept"
+    )
+    return "<h2>Caches</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
