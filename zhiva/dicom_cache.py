@@ -283,6 +283,8 @@ class Fill:
     def __init__(self, cache: DicomCache, name: str) -> None:
         self.cache = cache
         self.name = name
+        #: The data is as old as its fetch: the entry's TTL counts from here.
+        self.started_at = cache.clock.seconds()
         self._writer = _Writer(cache.directory / f"{PARTIAL_PREFIX}{name}.{secrets.token_hex(4)}")
         self._queue: list[bytes] = []
         self._queued = 0
@@ -451,7 +453,8 @@ class DicomCache(Service):
         self.clock = clock if clock is not None else reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="zhiva-dicom-cache")
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
-        self._fills: dict[str, Fill] = {}
+        self._fills: dict[str, Fill] = {}  # by name: the fill others may wait for
+        self._unfinished: set[Fill] = set()  # every fill not yet committed or deleted
         self._too_large: dict[str, float] = {}
         self._removing: dict[str, list] = {}  # name -> callbacks to run once its file is gone
         self._state = "new"  # then "scanning", "ready" or "broken"
@@ -565,6 +568,7 @@ class DicomCache(Service):
 
     def start_fill(self, name: str) -> Fill:
         fill = self._fills[name] = Fill(self, name)
+        self._unfinished.add(fill)
         return fill
 
     def discard(self, name: str, entry: Entry, error: BaseException) -> None:
@@ -623,6 +627,7 @@ class DicomCache(Service):
 
     def _filled(self, fill: Fill, size: int | None) -> None:
         self._released(fill, False)
+        self._unfinished.discard(fill)
         if size is None:
             self.fills["dropped"] += 1
             return
@@ -630,7 +635,7 @@ class DicomCache(Service):
         old = self._entries.get(fill.name)
         if old is not None:  # cannot happen (one fill per name), but keep the sum right
             self.bytes -= old.size
-        self._entries[fill.name] = Entry(fill.name, self.path(fill.name), size, self.clock.seconds())
+        self._entries[fill.name] = Entry(fill.name, self.path(fill.name), size, fill.started_at)
         self._entries.move_to_end(fill.name)
         self.bytes += size
         self._shrink()
@@ -652,7 +657,8 @@ class DicomCache(Service):
             "bytes": self.bytes,
             "hits": self.hits,
             "misses": self.misses,
-            "filling": len(self._fills),
+            "filling": len(self._unfinished),
+            "deleting": len(self._removing),
             "fills": dict(self.fills),
             "evictions": dict(self.evictions),
         }

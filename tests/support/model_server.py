@@ -10,8 +10,10 @@ anything they would reject. ``ModelServer`` launches it for fixtures.
 
 POST routes: ``/segmentation``, ``/annotation``, ``/prediction`` (``?double=1``
 answers double-encoded like FastAPI ORJSONResponse models), ``/fail500``,
-``/nonjson``, ``/badshape``, ``/slow?seconds=N``. GET ``/last`` reports what
-the latest POST carried, GET ``/status`` answers ``{"ok": true}``.
+``/nonjson``, ``/badshape``, ``/slow?seconds=N``, ``/hold?name=X`` (answers
+a prediction once GET ``/release?name=X`` was called: a test decides when a
+model call ends, without timing). GET ``/last`` reports what the latest POST
+carried, GET ``/status`` answers ``{"ok": true}``.
 A ``multipart/related`` POST is decoded as ``dicom-multipart`` (README) instead.
 """
 from __future__ import annotations
@@ -45,7 +47,10 @@ TASKS = {
     "/annotation": "annotation",
     "/prediction": "prediction",
     "/slow": "prediction",
+    "/hold": "prediction",
 }
+#: Longest a /hold call waits for its /release.
+HOLD_LIMIT = 60.0
 
 
 class BadBody(Exception):
@@ -231,6 +236,9 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 last = self.server.last
             self._send_json(200, last)
+        elif path == "/release":
+            self.server.hold(parse_qs(urlsplit(self.path).query).get("name", [""])[0]).set()
+            self._send_json(200, {"released": True})
         else:
             self._send(404, b"not found", "text/plain")
 
@@ -276,6 +284,8 @@ class Handler(BaseHTTPRequestHandler):
         if path in TASKS:
             if path == "/slow":
                 time.sleep(float(query.get("seconds", ["1"])[0]))
+            if path == "/hold":
+                self.server.hold(query.get("name", [""])[0]).wait(HOLD_LIMIT)
             result = build_result(TASKS[path], uids)
             payload = json.dumps(result)
             if query.get("double") == ["1"]:
@@ -301,6 +311,11 @@ class ModelHTTPServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.seq = 0
         self.last: dict[str, Any] | None = None
+        self._holds: dict[str, threading.Event] = {}
+
+    def hold(self, name: str) -> threading.Event:
+        with self.lock:
+            return self._holds.setdefault(name, threading.Event())
 
 
 class ModelServer:
@@ -337,6 +352,11 @@ class ModelServer:
         """What the latest POST carried (see ``Handler.do_POST``), None before any."""
         with urllib.request.urlopen(self.url + "/last", timeout=10) as response:
             return json.load(response)
+
+    def release(self, name: str) -> None:
+        """Let every ``/hold?name=NAME`` call answer, now and later."""
+        with urllib.request.urlopen(f"{self.url}/release?name={name}", timeout=10) as response:
+            response.read()
 
     def stop(self) -> None:
         if self._process is not None:
