@@ -165,7 +165,8 @@ async def test_a_viewer_hanging_up_leaves_the_others_their_answer(setup, study, 
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        leaving = proxy.client.get(proxy.url + path_of(study))
+        leaving = proxy.client.get(proxy.url + path_of(study))  # it starts the run
+        await until(lambda: len(relay.coalescer) == 1, "the first request's run started")
         staying = ensureDeferred(proxy.get(path_of(study)))
         await until(lambda: relay.coalescer.coalesced == 1, "the second joined the first")
         leaving.cancel()
