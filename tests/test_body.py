@@ -25,11 +25,11 @@ CHUNK = 1000
 class FakeRetrieval:
     """Streams ``files`` one chunk per ``step()``, unless paused."""
 
-    def __init__(self, files: list[bytes], consumer) -> None:
+    def __init__(self, files: list[bytes], consumer, chunk: int = CHUNK) -> None:
         self.chunks: list[tuple[str, bytes]] = []
         for data in files:
             self.chunks.append(("start", b""))
-            self.chunks += [("data", data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
+            self.chunks += [("data", data[i : i + chunk]) for i in range(0, len(data), chunk)]
             self.chunks.append(("end", b""))
         self.consumer = consumer
         self.paused = False
@@ -61,12 +61,13 @@ class FakeRetrieval:
 
 @implementer(IDicomSource)
 class FakeSource:
-    def __init__(self, files_by_target: dict[Target, list[bytes]]) -> None:
+    def __init__(self, files_by_target: dict[Target, list[bytes]], chunk: int = CHUNK) -> None:
         self.files = files_by_target
+        self.chunk = chunk
         self.retrievals: list[FakeRetrieval] = []
 
     def retrieve(self, target, consumer):
-        retrieval = FakeRetrieval(self.files.get(target, []), consumer)
+        retrieval = FakeRetrieval(self.files.get(target, []), consumer, self.chunk)
         self.retrievals.append(retrieval)
         return retrieval
 
@@ -113,9 +114,9 @@ def _files(n: int, size: int, seed: int = 0) -> list[bytes]:
     return [bytes((seed + i + j) % 256 for j in range(size)) for i in range(n)]
 
 
-def _start(route, filters, files_by_target, window=1 << 30):
+def _start(route, filters, files_by_target, window=1 << 30, chunk=CHUNK):
     the_plan = plan(route, filters)
-    source = FakeSource(files_by_target)
+    source = FakeSource(files_by_target, chunk)
     body = PlanBody(the_plan, protocol.encoder(the_plan), source)
     primed = body.prime()
     source.run()
@@ -204,3 +205,23 @@ def test_a_slow_model_pauses_the_pacs_instead_of_buffering(window):
     assert model.max_unread < window + 4 * CHUNK + 16
     assert rounds > total_json // (window + 4 * CHUNK)
     assert len(model.body()) == total_json + len(files) * 3 + 1
+
+
+def test_a_big_pacs_chunk_reaches_a_paused_model_piece_by_piece():
+    """
+    One 1 MiB read from the PACS is ~3.6 MiB of zhiva-json: a paused model
+    gets none of the rest until it reads, and never more than one 64 KiB
+    slice's encoding (~256 KiB) over its window.
+    """
+    window = 65536
+    files = [bytes(range(256)) * 4096 * 2]  # 2 MiB, read in 1 MiB chunks
+    route = Route("predictions", "m", Target(STUDY_UID, SERIES_A))
+    body, source, model, _ = _start(route, (), {Target(STUDY_UID, SERIES_A): files}, window, chunk=1 << 20)
+    finished = body.startProducing(model)
+    while not finished.called:
+        source.run()
+        model.read_all()
+
+    assert model.max_unread < window + 4 * 65536 + 16
+    assert max(map(len, model.received)) <= 4 * 65536
+    assert model.body() == b'["' + json.dumps(list(files[0]), separators=(",", ":")).encode() + b'"]'

@@ -8,6 +8,7 @@ selection with no instance is a 404 and never reaches the model.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
@@ -35,6 +36,11 @@ class PlanBody:
         self._retrieval: IRetrieval | None = None
         self._consumer = None
         self._pending: list[bytes] = []
+        # Output the consumer has not taken yet: written piece by piece, so a
+        # paused model socket holds at most one piece over its own buffer and
+        # never gets several MiB in one write (one join, one fresh mmap).
+        self._queue: deque[bytes] = deque()
+        self._ended = False
         self._paused = False
         self._primed: Deferred[None] | None = None
         self._finished: Deferred[None] | None = None
@@ -57,17 +63,15 @@ class PlanBody:
 
     def startProducing(self, consumer) -> Deferred[None]:
         self._consumer = consumer
-        self._finished = Deferred()
-        pending, self._pending = self._pending, []
-        for data in pending:
-            self._write(data)
+        finished = self._finished = Deferred()
+        self._queue.extend(self._pending)
+        self._pending = []
         if self.error is not None:
-            self._finished.errback(self.error)
-        elif self._index >= len(self._fetches):
-            self._finished.callback(None)
+            self._finished = None
+            finished.errback(self.error)
         else:
             self.resumeProducing()
-        return self._finished
+        return finished
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -76,11 +80,13 @@ class PlanBody:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._retrieval is not None:
+        self._flush()
+        if not self._paused and self._retrieval is not None:
             self._retrieval.resumeProducing()
 
     def stopProducing(self) -> None:
         self._finished = None  # must never fire now
+        self._queue.clear()
         self.cancel()
 
     def cancel(self) -> None:
@@ -122,8 +128,9 @@ class PlanBody:
             self._write(self._encoder.end())
             if self._primed is not None and not self._primed.called:
                 self._fail(NotFound("the request selects no DICOM instance"))
-            elif self._finished is not None:
-                self._finished.callback(None)
+            else:
+                self._ended = True
+                self._flush()
             return
         fetch = self._fetches[self._index]
         self._instances = 0
@@ -157,6 +164,7 @@ class PlanBody:
     def _fail(self, error: ProblemError) -> None:
         self.error = error
         self._retrieval = None
+        self._queue.clear()
         if self._primed is not None and not self._primed.called:
             self._primed.errback(error)
         elif self._finished is not None:
@@ -164,14 +172,20 @@ class PlanBody:
             finished.errback(error)
 
     def _write(self, data: bytes | list[bytes]) -> None:
-        if isinstance(data, list):  # an encoder's output in pieces (zhiva-json)
-            for piece in data:
-                self._write(piece)
-            return
-        if not data:
-            return
+        pieces = data if isinstance(data, list) else [data]  # zhiva-json writes in pieces
+        pieces = [piece for piece in pieces if piece]
         if self._consumer is None:
-            self._pending.append(data)
+            self._pending.extend(pieces)
         else:
+            self._queue.extend(pieces)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand queued output to the model while it takes it; finish once all is out."""
+        while self._queue and not self._paused and self._consumer is not None:
+            data = self._queue.popleft()
             self.bytes_out += len(data)
-            self._consumer.write(data)
+            self._consumer.write(data)  # may pause us at once
+        if self._ended and not self._queue and self._finished is not None:
+            finished, self._finished = self._finished, None
+            finished.callback(None)

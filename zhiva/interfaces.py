@@ -135,8 +135,11 @@ class IPlanEncoder(Interface):
         Instance number ``index`` within the current fetch starts.
         """
 
-    def instanceData(data: bytes) -> bytes:
-        ...
+    def instanceData(data: bytes) -> bytes | list[bytes]:
+        """
+        The encoding of the next bytes of the instance; a list of pieces when
+        one big output object would cost more than it saves (page faults).
+        """
 
     def endInstance() -> bytes:
         ...

@@ -232,7 +232,7 @@ class Relay:
         key = (ca_file, verify)
         upstream = self._model_upstreams.get(key)
         if upstream is None:
-            upstream = self._model_upstreams[key] = Upstream(self._reactor, ca_file, verify, int(__import__("os").environ.get("ZB_MODEL", 65536)))
+            upstream = self._model_upstreams[key] = Upstream(self._reactor, ca_file, verify)
         return upstream
 
     async def run(self, job: Job, timings: Timings) -> bytes:
