@@ -262,7 +262,7 @@ def run(args, tmp: Path, orthanc: Orthanc, processes: list) -> None:
     twistd = Path(sys.executable).parent / "twistd"
     proxy = subprocess.Popen(
         [str(twistd), "-n", "--pidfile=", "-l", str(tmp / "proxy.log"), "zhiva",
-         "--config-dir", str(config),
+         "--config-dir", str(config), "--no-coalescing",  # N identical requests: N relays
          "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={key_file}:certKey={cert}"],
         cwd=ROOT, env=env,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import ssl
 import subprocess
@@ -74,8 +75,9 @@ def main() -> None:
                 twistd = Path(sys.executable).parent / "twistd"
                 proxy = subprocess.Popen(
                     [str(twistd), "-n", "--pidfile=", "-l", str(tmp / "proxy.log"), "zhiva",
-                     "--config-dir", str(config),
+                     "--config-dir", str(config), "--no-coalescing",  # N identical requests: N relays
                      "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"],
+                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's zhiva
                 )
                 try:
                     wait_for_port(port)
