@@ -74,6 +74,9 @@ def _widen(protocol):
         transport = getattr(transport, "transport", None)
     if transport is not None:
         transport.bufferSize = UPSTREAM_BUFFER
+        # Our writes are big or final: Nagle would only hold the last small
+        # one (a part's headers, the closing chunk) for the peer's delayed ACK.
+        transport.setTcpNoDelay(True)
     return protocol
 
 
