@@ -109,6 +109,7 @@ def run(port, study, big, small, args):
     lock = threading.Lock()
     latencies: dict[str, list[float]] = defaultdict(list)
     outcomes: Counter = Counter()
+    details: Counter = Counter()  # what went wrong where success was due
     pid = proxy_pid(port)
     rss_start = rss_kb(pid, "VmRSS")
     deadline = time.monotonic() + args.seconds
@@ -119,6 +120,7 @@ def run(port, study, big, small, args):
         while time.monotonic() < deadline:
             kind, _, make = rng.choices(kinds, weights)[0]
             started = time.monotonic()
+            detail = ""
             try:
                 connection.request("GET", make())
                 response = connection.getresponse()
@@ -126,15 +128,20 @@ def run(port, study, big, small, args):
                 status = response.status
                 label = f"{status}"
                 if status != 200:
-                    label += " " + json.loads(body)["title"]
+                    problem = json.loads(body)
+                    label += " " + problem["title"]
+                    detail = problem.get("detail", "")
             except Exception as e:  # noqa: BLE001 - counted by kind
                 label = f"client error {type(e).__name__}"
+                detail = str(e)
                 connection.close()
                 connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=120)
             elapsed = time.monotonic() - started
             with lock:
                 latencies[kind].append(elapsed)
                 outcomes[(kind, label)] += 1
+                if not kind.startswith("fail") and not label.startswith("200"):
+                    details[f"{kind}: {label}: {detail}"] += 1
         connection.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
@@ -145,7 +152,7 @@ def run(port, study, big, small, args):
         t.join()
     wall = time.monotonic() - started
     return {
-        "latencies": latencies, "outcomes": outcomes, "wall": wall,
+        "latencies": latencies, "outcomes": outcomes, "wall": wall, "details": details,
         "rss_start": rss_start, "rss_end": rss_kb(pid, "VmRSS"), "rss_peak": rss_kb(pid, "VmHWM"),
     }
 
@@ -166,6 +173,8 @@ def report(stats, args) -> None:
                      if (kind.startswith("fail") and label.startswith("200")) or
                      (not kind.startswith("fail") and not label.startswith("200")))
     print(f"unexpected answers (a failure where success was due or the reverse): {unexpected}")
+    for text, count in stats["details"].most_common(10):
+        print(f"  {count:4d} x {text[:300]}")
     print("latency by kind (s): p50 / p99")
     for kind, values in sorted(latencies.items()):
         print(f"  {kind:20s} {percentile(values, 50):7.3f} / {percentile(values, 99):7.3f}  (n={len(values)})")

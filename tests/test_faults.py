@@ -64,7 +64,8 @@ def config_dir(tmp_path_factory, orthanc, model_server, fake_pacs, fake_model):
         SLOW_MODEL: {**model, "uri": model_server.url + "/slow?seconds=1.5"},
     }
     for name in MODEL_FAULTS:
-        models[model_key(name)] = {**model, "uri": f"{model_url}/{name}/predict", "timeout": 1}
+        query = "?study=1.2.3&series=1.2.3.4" if name == "ok" else ""  # what model_ok answers for
+        models[model_key(name)] = {**model, "uri": f"{model_url}/{name}/predict{query}", "timeout": 1}
     return write_config(tmp_path_factory.mktemp("config"), servers, models)
 
 
@@ -136,6 +137,24 @@ async def test_model_faults(proxy, study, model_server, fake_model, name, status
     assert words in problem["detail"] and model_key(name) in problem["detail"]
     assert len(factory.requests) == seen + 1  # asked once, never redirected or retried
     await assert_next_request_served(proxy, study, model_server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_pacs_connection_closed_under_us_is_retried(proxy, fake_pacs):
+    """
+    A pooled connection the PACS closed just as it was reused costs one more
+    GET on a new connection, not a 502 (seen in bench/soak.py against
+    Orthanc: "PACS server ... is unreachable: connection closed").
+    """
+    _, factory = fake_pacs
+    pacs = server_key("stalekeepalive")
+    seen = sum("/stalekeepalive/" in path for path in factory.requests)
+    model = model_key("ok")
+    for _ in range(3):
+        response, body = await proxy.get(f"/predictions/{model}/studies/1.2.3/series/1.2.3.4", params={"server": pacs})
+        assert response.code == 200, body
+    # 1 served; then twice: the kept connection closes unanswered, a new one serves.
+    assert sum("/stalekeepalive/" in path for path in factory.requests) - seen == 5
 
 
 @pytest_twisted.ensureDeferred

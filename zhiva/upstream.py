@@ -86,7 +86,10 @@ class Upstream:
     def __init__(self, reactor, ca_file: Path | None = None, verify: bool = True) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 8
-        self.pool.retryAutomatically = False
+        # A kept-alive connection the server closed as we reused it (Orthanc:
+        # KeepAliveTimeout, 1 s) is retried once on a new one. Twisted only
+        # retries bodiless idempotent requests, so a model POST never goes twice.
+        self.pool.retryAutomatically = True
         endpoints = _Endpoints(reactor, UpstreamTLSPolicy(ca_file, verify), connect_timeout=30)
         self.client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool))
 

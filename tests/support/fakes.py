@@ -6,6 +6,7 @@ misbehaves, so the proxy sees exactly the fault under test.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -152,6 +153,21 @@ def pacs_slow(p: Scripted) -> None:
     p.every(1.0, step)
 
 
+def pacs_stale_keepalive(p: Scripted) -> None:
+    """
+    Serves one instance and keeps the connection open; the next request on
+    that connection finds it closed, unanswered: Orthanc closing a kept-alive
+    connection (KeepAliveTimeout, 1 s by default) just as the proxy reuses it.
+    """
+    if getattr(p, "served", False):
+        p.transport.loseConnection()
+        return
+    p.served = True
+    body = part() + CLOSE
+    p.transport.write(_multipart({b"Connection": b"keep-alive"}, len(body)) + body)
+    p.answered, p.head, p.buffer = False, None, b""  # read the next request
+
+
 PACS_SCRIPTS = {
     "reset": pacs_reset,
     "noboundary": pacs_no_boundary,
@@ -160,6 +176,7 @@ PACS_SCRIPTS = {
     "noheaders": pacs_part_without_headers,
     "fail": pacs_5xx,
     "slow": pacs_slow,
+    "stalekeepalive": pacs_stale_keepalive,
 }
 
 
@@ -188,9 +205,22 @@ def model_redirect(p: Scripted) -> None:
     )
 
 
+def model_ok(p: Scripted) -> None:
+    """A valid prediction for the ``study`` and ``series`` of the model URL's query."""
+    query = dict(kv.split("=") for kv in p.head.split(b"\r\n", 1)[0].split(b" ")[1].decode().split("?")[1].split("&"))
+    metadata = [{"dataType": "number", "value": 1, "title": "ok"}]
+    body = json.dumps({query["study"]: {"metadata": metadata, query["series"]: {"metadata": metadata}}}).encode()
+    p.transport.write(
+        _head(b"200 OK", {b"Content-Type": b"application/json", b"Content-Length": b"%d" % len(body),
+                          b"Connection": b"close"}) + body
+    )
+    p.transport.loseConnection()
+
+
 MODEL_SCRIPTS = {
     "close": model_close_mid_answer,
     "silent": model_silent,
     "garbage": model_garbage,
     "redirect": model_redirect,
+    "ok": model_ok,
 }
