@@ -8,7 +8,7 @@ CERT_DIR ?= .
 PORT ?= 8002
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench soak clean
 
 $(BIN)/twistd: setup.py $(shell find zhiva twisted -name '*.py')
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Not tests: measurements for the README (bench/relay.py, bench/soak.py).
+bench: venv
+	$(BIN)/pip install --quiet ".[bench]"
+	$(BIN)/python bench/relay.py
+
+soak: venv
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo
