@@ -14,8 +14,13 @@ RUN mkdir -p zhiva twisted/plugins && touch zhiva/__init__.py twisted/plugins/zh
 
 COPY zhiva ./zhiva
 COPY twisted ./twisted
+# The zhiva-json encoder's C extension needs a compiler only while it builds
+# (gcc in and out in one layer; the import fails the build if it is missing).
 # Twisted's plugin caches, written now: the service user cannot write there.
-RUN pip install --no-cache-dir --no-deps . \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-cache-dir --no-deps . \
+ && python -c "import _zhiva_decimal" \
+ && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
  && python -c "from twisted.plugin import IPlugin, getPlugins; import zhiva.plugins; list(getPlugins(IPlugin)); list(getPlugins(IPlugin, zhiva.plugins))" \
  && rm -rf build
 
