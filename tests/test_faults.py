@@ -241,6 +241,48 @@ async def test_queue_wait_runs_out(config_dir, certificate, study):
         await proxy.stop()
 
 
+@pytest.mark.parametrize(
+    "pacs, model, stage",
+    [
+        ("drip", GOOD_MODEL, "waiting for the first DICOM from PACS server {server}"),
+        (None, "drip", "reading the answer of model {model}"),
+    ],
+    ids=["pacs-drips", "model-drips"],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_dripping_within_its_idle_timeout_meets_the_request_deadline(
+    config_dir, certificate, study, model_server, fake_pacs, fake_model, pacs, model, stage
+):
+    """
+    A byte every 0.2 s never trips a 0.5 s (PACS) or 1 s (model) idle
+    timeout: --max-request-seconds ends the request, frees the model slot
+    and closes the upstream connection.
+    """
+    proxy = start(config_dir, certificate, "--max-request-seconds", "2")
+    factory = (fake_pacs if pacs else fake_model)[1]
+    server = server_key(pacs) if pacs else GOOD_SERVER
+    model = model_key(model) if model == "drip" else model
+    path = series(study, model) if pacs else f"/predictions/{model}/studies/{study.study_uid}/series/{study.small_series_uid}"
+    open_before = factory.open
+    try:
+        started = reactor.seconds()
+        asked = ensureDeferred(problem_of(proxy, path, params={"server": server}))
+        response, problem = await asked.addTimeout(10, reactor)  # without a deadline: forever
+        assert response.code == 504, problem
+        assert 2 <= reactor.seconds() - started < 4
+        assert problem["detail"] == (
+            "the request took more than 2 s (--max-request-seconds); "
+            f"it was {stage.format(server=server, model=model)}"
+        )
+        await deferLater(reactor, 0.1)
+        assert factory.open == open_before  # the dripping connection was closed, not left to drip
+        relay = proxy.service.relay
+        assert relay.gate.active(model) == 0 and relay.gate.waiting(model) == 0
+        await assert_next_request_served(proxy, study, model_server)
+    finally:
+        await proxy.stop()
+
+
 def _upstream_connections(ports: set[int]) -> list:
     found = []
     for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):

@@ -51,6 +51,8 @@ class PlanBody:
         #: Fetches answered by the DICOM cache (zhiva.dicom_cache), for the access log.
         self.cache_hits = 0
         self.done_at: float | None = None
+        #: Called once every fetch is complete (the relay's request deadline says so).
+        self.on_done = None
 
     def prime(self) -> Deferred[None]:
         """Start fetching; fires once the first instance has begun to arrive."""
@@ -125,6 +127,8 @@ class PlanBody:
         if self._index == len(self._fetches):
             self._retrieval = None
             self.done_at = time.monotonic()
+            if self.on_done is not None:
+                self.on_done()
             self._write(self._encoder.end())
             if self._primed is not None and not self._primed.called:
                 self._fail(NotFound("the request selects no DICOM instance"))

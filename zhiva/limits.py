@@ -32,6 +32,11 @@ class Limits:
     queue_timeout: float = 120.0
     #: Retry-After (seconds) of those 503s.
     retry_after: int = 30
+    #: Seconds one request may hold a model slot in all (PACS fetch, model
+    #: call, answer); more: 504. The per-upstream timeouts only bound the wait
+    #: for the next byte, so an upstream that drips just fast enough would
+    #: otherwise hold the slot forever.
+    max_request_seconds: float = 3600.0
 
 
 class ModelGate:

@@ -75,6 +75,8 @@ class Timings:
     dicom_hits: int = 0
     #: "result" (the result cache answered) or "shared" (joined an identical request).
     shortcut: str | None = None
+    #: What the run is doing now, for the --max-request-seconds detail.
+    stage: str = "starting"
 
     def take(self, run: Timings, with_bytes: bool) -> None:
         """Copy what a shared run measured; its bytes count once, for the request that started it."""
@@ -269,20 +271,53 @@ class Relay:
             source = self.source(job.server)
             self._acquire(source)
             try:
-                return await self._run(job, source, timings)
+                return await self._deadline(job, ensureDeferred(self._run(job, source, timings)), timings)
             finally:
                 self._release(source)
         finally:
             gate.release(key)
 
+    async def _deadline(self, job: Job, running, timings: Timings) -> bytes:
+        """
+        ``running``, cancelled after ``--max-request-seconds``: the upstream
+        timeouts bound each wait for a byte, not the whole, and a PACS or
+        model that drips just faster than those would hold the model slot
+        forever. Cancelling closes the upstream connections like a hang-up.
+        """
+        seconds = self.limits.max_request_seconds
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            running.cancel()
+
+        timer = self._reactor.callLater(seconds, expire)
+        try:
+            return await running
+        except CancelledError:
+            if timed_out:
+                raise UpstreamTimeout(
+                    f"the request took more than {seconds:g} s (--max-request-seconds); "
+                    f"it was {timings.stage}"
+                ) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+
     async def _run(self, job: Job, source, timings: Timings) -> bytes:
         timings.fetches = len(job.plan.fetches)
+        pacs, model = f"PACS server {job.server.key}", f"model {job.model.key}"
         if job.model.plugin is not None:
+            timings.stage = f"fetching DICOM from {pacs} for in-process {model} or running it"
             return await inprocess.run(job, source, self._reactor, self._model_pool, timings, self.limits)
         encoder = job.protocol.encoder(job.plan)
         body = PlanBody(job.plan, encoder, source, self.limits)
+        timings.stage = f"waiting for the first DICOM from {pacs}"
+        body.on_done = lambda: setattr(timings, "stage", f"waiting for the answer of {model} (all DICOM fetched)")
         try:
             await body.prime()
+            timings.stage = f"relaying DICOM from {pacs} to {model}"
             timings.pacs_first_byte = time.monotonic()
             answer = await self._call_model(job, body, encoder.contentType, timings)
         finally:
@@ -331,6 +366,7 @@ class Relay:
                 raise UpstreamError(f"{name} is unreachable at {model.uri}: {describe(Failure(e))}") from None
             if body.error is not None:
                 raise body.error
+            timings.stage = f"reading the answer of {name}"
             try:
                 answer = await read_body(response, self._reactor, model.timeout, self.limits.max_result_bytes)
             except IdleTimeout:

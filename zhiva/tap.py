@@ -62,6 +62,8 @@ class Options(usage.Options):
         ["model-concurrency", None, Limits.model_concurrency, "Requests one model gets at once.", int],
         ["model-queue", None, Limits.model_queue, "Requests that may wait for a busy model (more: 503).", int],
         ["queue-timeout", None, Limits.queue_timeout, "Seconds a request may wait for a busy model (then 503).", float],
+        ["max-request-seconds", None, Limits.max_request_seconds,
+         "Seconds one request may take once it has its model slot: PACS, model and answer (more: 504).", float],
         ["dicom-cache-dir", None, None,
          "Cache DICOM fetched from PACS servers in this directory (created 0700); default: no cache."],
         ["dicom-cache-size", None, "10G", "Most the DICOM cache may hold: bytes, or with K, M, G, T (LRU beyond)."],
@@ -93,7 +95,7 @@ class Options(usage.Options):
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         for name in ("max-url-length", "max-header-bytes", "max-instances", "max-fetch-bytes",
-                     "max-result-bytes", "model-concurrency", "queue-timeout"):
+                     "max-result-bytes", "model-concurrency", "queue-timeout", "max-request-seconds"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0")
         try:
@@ -233,6 +235,7 @@ def limits_of(options: Options) -> Limits:
         model_concurrency=options["model-concurrency"],
         model_queue=options["model-queue"],
         queue_timeout=options["queue-timeout"],
+        max_request_seconds=options["max-request-seconds"],
     )
 
 

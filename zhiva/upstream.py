@@ -117,6 +117,9 @@ class StreamReader(Protocol):
 
     ``finished`` fires with the byte count or fails with ``IdleTimeout``,
     ``BodyTooLarge``, ``ConnectionClosed`` or whatever ``on_data`` raised.
+    Cancelling ``finished`` (a viewer hanging up, a request deadline) closes
+    the connection: without that, an upstream still sending would go on
+    feeding a reader nobody waits for.
     """
 
     def __init__(
@@ -126,7 +129,7 @@ class StreamReader(Protocol):
         idle_timeout: float,
         max_bytes: int | None = None,
     ) -> None:
-        self.finished: Deferred[int] = Deferred()
+        self.finished: Deferred[int] = Deferred(lambda _: self._fail(CancelledError()))
         self.received = 0
         self._on_data = on_data
         self._clock = clock

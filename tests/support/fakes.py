@@ -153,6 +153,15 @@ def pacs_slow(p: Scripted) -> None:
     p.every(1.0, step)
 
 
+def pacs_drip(p: Scripted) -> None:
+    """
+    A preamble without end, a byte every 0.2 s: each byte comes well within
+    the idle timeout, so only a deadline on the whole request ends it.
+    """
+    p.transport.write(_multipart({}))
+    p.every(0.2, lambda: p.transport.write(b"x") or True)
+
+
 def pacs_stale_keepalive(p: Scripted) -> None:
     """
     Serves one instance and keeps the connection open; the next request on
@@ -176,6 +185,7 @@ PACS_SCRIPTS = {
     "noheaders": pacs_part_without_headers,
     "fail": pacs_5xx,
     "slow": pacs_slow,
+    "drip": pacs_drip,
     "stalekeepalive": pacs_stale_keepalive,
 }
 
@@ -205,6 +215,12 @@ def model_redirect(p: Scripted) -> None:
     )
 
 
+def model_drip(p: Scripted) -> None:
+    """Promises a big answer and sends it a byte every 0.2 s, within any idle timeout."""
+    p.transport.write(_head(b"200 OK", {b"Content-Type": b"application/json", b"Content-Length": b"100000"}))
+    p.every(0.2, lambda: p.transport.write(b" ") or True)
+
+
 def model_ok(p: Scripted) -> None:
     """A valid prediction for the ``study`` and ``series`` of the model URL's query."""
     query = dict(kv.split("=") for kv in p.head.split(b"\r\n", 1)[0].split(b" ")[1].decode().split("?")[1].split("&"))
@@ -222,5 +238,6 @@ MODEL_SCRIPTS = {
     "silent": model_silent,
     "garbage": model_garbage,
     "redirect": model_redirect,
+    "drip": model_drip,
     "ok": model_ok,
 }
