@@ -139,9 +139,16 @@ pieces = st.lists(
 )
 
 
+MAX_HEADER = 512
+#: What the parser may hold between feeds: part headers (or delimiter-line
+#: padding) up to the cap, the delimiter "\r\n--b0undary" and a CRLF or two.
+HELD_AT_MOST = MAX_HEADER + len(b"\r\n--" + BOUNDARY) + 5
+
+
 @SETTINGS
-@given(body=pieces.map(b"".join), cuts=st.lists(st.integers(0, 2000), max_size=6))
+@given(body=pieces.map(b"".join), cuts=st.lists(st.integers(0, 2000), max_size=6) | st.just("bytewise"))
 def test_multipart_parser_yields_parts_or_raises_multipart_error(body, cuts):
+    """Parts or MultipartError; never more held than the header cap allows, however it is cut."""
     events = []
     size = [0]
 
@@ -150,16 +157,46 @@ def test_multipart_parser_yields_parts_or_raises_multipart_error(body, cuts):
         events.append("data")
 
     parser = MultipartParser(BOUNDARY, lambda h: events.append("begin"), data, lambda: events.append("end"),
-                             max_header_bytes=512)
-    bounds = sorted({0, len(body), *(c for c in cuts if c < len(body))})
+                             max_header_bytes=MAX_HEADER)
+    if cuts == "bytewise":  # the worst case for anything that rescans or accumulates
+        bounds = list(range(len(body) + 1))
+    else:
+        bounds = sorted({0, len(body), *(c for c in cuts if c < len(body))})
     try:
         for start, end in zip(bounds, bounds[1:]):
             parser.feed(body[start:end])
+            assert parser.buffered <= HELD_AT_MOST
         parser.close()
     except MultipartError:
         return
     assert events.count("begin") == events.count("end") == parser.parts
     assert size[0] <= len(body)
+
+
+@pytest.mark.parametrize(
+    "opener, filler",
+    [
+        (b"", b"x" * 4096),
+        (b"--b0undary\r\n\r\n", b"\r\n--b0undar" * 400),
+        (b"--b0undary", b" " * 4096),
+        (b"--b0undary\r\nX-A: ", b"a" * 4096),
+    ],
+    ids=["preamble", "near-delimiters-in-a-part", "delimiter-padding", "part-headers"],
+)
+def test_multipart_parser_memory_stays_bounded_on_endless_input(opener, filler):
+    """
+    Megabytes that never complete a part (a PACS streaming garbage): after
+    every feed the parser holds no more than the header cap allows, and it
+    either passes the bytes on (preamble, part data) or refuses at the cap.
+    """
+    parser = MultipartParser(BOUNDARY, lambda h: None, lambda d: None, lambda: None, max_header_bytes=MAX_HEADER)
+    parser.feed(opener)
+    try:
+        for _ in range((4 << 20) // len(filler)):
+            parser.feed(filler)
+            assert parser.buffered <= HELD_AT_MOST
+    except MultipartError as e:
+        assert "exceed" in str(e) and f"{MAX_HEADER} bytes" in str(e)
 
 
 # Path tricks, end to end: refused before any upstream call

@@ -96,6 +96,15 @@ class MultipartParser:
         self._failed: str | None = None
         self.parts = 0
 
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes held between feeds: less than ``max_header_bytes`` plus the
+        delimiter and a CRLF or two, whatever the input (the bound the tests
+        check, so that no body makes the parser hoard memory).
+        """
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> None:
         if self._failed is not None:
             raise MultipartError(f"parser failed earlier: {self._failed}")
