@@ -706,6 +706,30 @@ async def test_twenty_concurrent_requests_with_an_expired_token_refresh_once(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_transfer_that_outlives_the_token_is_not_cut_off(proxies, pacs, issuer, study):
+    """
+    The PACS sends its first bytes with a 2 s token still valid, then holds
+    the rest for 3 s: the token expires mid-transfer and the series still
+    arrives whole. The next request renews (refresh) and is served too.
+    """
+    issuer.lifetime = 2
+    pacs.hold = 3.0
+    proxy = proxies.start()
+
+    started = reactor.seconds()
+    code, result = await infer(proxy, study, TOKEN_SERVER)
+
+    assert code == 200, result
+    assert reactor.seconds() - started >= 3  # the token (2 s) ran out during the transfer
+    assert pacs.requests == pacs.accepted == 1 and pacs.refused == 0
+    assert issuer.calls == {"token": 1}
+    pacs.hold = 0.0
+    code, result = await infer(proxy, study, TOKEN_SERVER)
+    assert code == 200, result
+    assert issuer.calls == {"token": 1, "refresh": 1} and pacs.refused == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_restart_reuses_the_stored_token(proxies, issuer, study, state_dir):
     first = proxies.start()
     assert (await infer(first, study, ZHIVA_SERVER))[0] == 200

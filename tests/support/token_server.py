@@ -219,6 +219,8 @@ class PacsFront(Resource):
         #: 401s forced by ``reject_next`` (a token the PACS revoked).
         self.forced = 0
         self.reject_next = 0
+        #: Seconds to hold an answer back after its first bytes (a slow transfer).
+        self.hold = 0.0
 
     def render(self, request):
         self.requests += 1
@@ -234,8 +236,32 @@ class PacsFront(Resource):
         request.requestHeaders.removeHeader(b"authorization")
         for name, value in self.upstream_headers.items():
             request.requestHeaders.setRawHeaders(name, [value])
+        if self.hold:
+            self._hold(request)
         upstream = ReverseProxyResource("127.0.0.1", self.port, request.path, reactor=self.reactor)
         return upstream.render(request)
+
+    def _hold(self, request) -> None:
+        """Send the headers and first bytes at once, the rest after ``hold`` seconds."""
+        write, finish = request.write, request.finish
+        held: list = []
+
+        def later_write(data: bytes) -> None:
+            if request.startedWriting:
+                held.append(lambda: write(data))
+            else:
+                write(data)
+
+        def later_finish() -> None:
+            held.append(finish)
+
+        def release() -> None:
+            request.write, request.finish = write, finish
+            for step in held:
+                step()
+
+        request.write, request.finish = later_write, later_finish
+        self.reactor.callLater(self.hold, release)
 
 
 def listen(reactor, resource: Resource):
