@@ -150,6 +150,10 @@ def test_missing_or_malformed_header(keyfile, header):
     assert caught.value.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def test_every_401_carries_a_challenge():
+    assert Unauthorized("any reason").headers == {"WWW-Authenticate": 'Bearer realm="zhiva"'}
+
+
 # Access rules
 
 
@@ -279,7 +283,9 @@ async def test_user_without_access_gets_403(auth_proxy, study, model_server):
 async def test_healthz_and_metrics_stay_open_status_needs_a_token(auth_proxy):
     assert (await auth_proxy.get("/healthz"))[0].code == 200
     assert (await auth_proxy.get("/metrics"))[0].code == 200
-    assert (await auth_proxy.get("/status"))[0].code == 401
+    refused = (await auth_proxy.get("/status"))[0]
+    assert refused.code == 401
+    assert refused.headers.getRawHeaders("www-authenticate") == ['Bearer realm="zhiva"']
     assert (await auth_proxy.get("/status", headers=_bearer(token())))[0].code == 200
 
 
@@ -298,16 +304,26 @@ async def test_cors_preflight_from_allowed_and_refused_origins(auth_proxy, study
     assert allowed.code == 204
     assert allowed.headers.getRawHeaders("access-control-allow-origin") == ["https://viewer.hospital.example"]
     assert allowed.headers.getRawHeaders("access-control-allow-credentials") == ["true"]
+    # The answer depends on Origin: a cache must not hand it to another origin.
+    assert allowed.headers.getRawHeaders("vary") == ["Origin"]
     assert "Authorization" in allowed.headers.getRawHeaders("access-control-allow-headers")[0]
 
     refused = await preflight("https://evil.example")
     assert refused.code == 403
     assert refused.headers.getRawHeaders("access-control-allow-origin") is None
     assert refused.headers.getRawHeaders("access-control-allow-credentials") is None
+    assert refused.headers.getRawHeaders("access-control-allow-methods") is None
+    assert refused.headers.getRawHeaders("vary") == ["Origin"]
+    assert refused.headers.getRawHeaders("content-type") == ["application/problem+json"]
 
     response, _ = await auth_proxy.get(_path(study, OPEN_MODEL),
                                        headers={**_bearer(token()), "Origin": "https://evil.example"})
     assert response.headers.getRawHeaders("access-control-allow-origin") is None
+    assert response.headers.getRawHeaders("vary") == ["Origin"]
+    response, _ = await auth_proxy.get(_path(study, OPEN_MODEL),
+                                       headers={**_bearer(token()), "Origin": "https://viewer.hospital.example"})
+    assert response.headers.getRawHeaders("access-control-allow-origin") == ["https://viewer.hospital.example"]
+    assert response.headers.getRawHeaders("vary") == ["Origin"]
 
 
 @pytest_twisted.ensureDeferred

@@ -66,6 +66,11 @@ class Unauthorized(ProblemError):
     status = 401
     title = "Unauthorized"
 
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None):
+        # RFC 9110 15.5.2: a 401 MUST carry WWW-Authenticate; a raise that
+        # forgets to build a challenge still sends the plain one.
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="zhiva"', **(headers or {})})
+
 
 class TooMuchData(ProblemError):
     """The request selects more data than the proxy's limits allow."""
