@@ -69,6 +69,9 @@ def test_systemd_unit():
     assert "twistd --nodaemon" in service["ExecStart"] and " zhiva " in service["ExecStart"]
     assert "check-config" in service["ExecStartPre"]
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # sd_notify READY/RELOADING/STOPPING (tests/test_sd_notify.py); notify-reload needs systemd 253,
+    # Debian 12 has 252.
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["User"] == "zhiva"
     assert service["Restart"] == "on-failure"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
