@@ -39,6 +39,7 @@ from zhiva.upstream import (
     Upstream,
     describe,
     is_cancellation,
+    public_uri,
     read_body,
 )
 
@@ -363,7 +364,9 @@ class Relay:
                     raise CancelledError() from None
                 if body.error is not None:
                     raise body.error from None
-                raise UpstreamError(f"{name} is unreachable at {model.uri}: {describe(Failure(e))}") from None
+                raise UpstreamError(
+                    f"{name} is unreachable at {public_uri(model.uri)}: {describe(Failure(e))}"
+                ) from None
             if body.error is not None:
                 raise body.error
             timings.stage = f"reading the answer of {name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from OpenSSL.SSL import Error as TLSError
 from treq.client import HTTPClient
@@ -95,6 +96,11 @@ class Upstream:
 
     def close(self) -> Deferred:
         return self.pool.closeCachedConnections()
+
+
+def public_uri(uri: str) -> str:
+    """Scheme, host, port and path only: query strings may hold tokens."""
+    return urlsplit(uri)._replace(query="", fragment="").geturl()
 
 
 class BodyTooLarge(Exception):

@@ -10,24 +10,17 @@ import html
 import json
 import time
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from zhiva.errors import ProblemError
-from zhiva.upstream import describe
+from zhiva.upstream import describe, public_uri
 from zhiva.web import problem
 from zhiva.web.resources import Node
 
 CHECK_TIMEOUT = 5.0
-
-
-def public_uri(uri: str) -> str:
-    """Scheme, host, port and path only: query strings may hold tokens."""
-    parts = urlsplit(uri)
-    return parts._replace(query="", fragment="").geturl()
 
 
 class StatusPage(Node):
