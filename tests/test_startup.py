@@ -5,6 +5,7 @@ one-line start-up errors, and a first answer over HTTPS.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -109,4 +110,19 @@ def test_daemon_serves_https_with_problem_json(config):
     assert answer.code == 404
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert json.loads(answer.read())["status"] == 404
+    assert "Traceback" not in output
+
+
+def test_a_port_in_use_stops_start_up_in_one_line(config):
+    """Without this, twistd logged a traceback and ran on, serving nothing."""
+    make_certificate(config)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = twistd("--listen", f"ssl:{port}:privateKey=zhiva.key:certKey=zhiva.crt", cwd=config)
+
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert f"zhiva: cannot listen on all interfaces port {port}: [Errno 98] Address already in use" in output
     assert "Traceback" not in output

@@ -6,10 +6,12 @@ them whole on SIGHUP and stops gracefully on SIGTERM.
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
@@ -140,6 +142,15 @@ class ZhivaService(MultiService):
         request.addBoth(done)
 
     # Start, reload, stop
+
+    def privilegedStartService(self) -> None:
+        """Listen (twistd calls this first); a port that cannot be had ends start-up in one line."""
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface or 'all interfaces'} port {e.port}"
+            sys.stderr.write(f"zhiva: cannot listen on {where}: {e.socketError} (--listen)\n")
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         for warning in self.config.warnings:

@@ -153,7 +153,11 @@ def _listener(description: str, site, reactor, tls: ServerTLS | None):
         backlog=int(args.get("backlog", 50)),
         interface=args.get("interface", "").replace("\\:", ":"),
     )
-    return StreamServerEndpointService(endpoint, site)
+    service = StreamServerEndpointService(endpoint, site)
+    # As strports.service does for plain endpoints: a port already taken stops
+    # start-up (twistd exits 1) instead of leaving a daemon that serves nothing.
+    service._raiseSynchronously = True
+    return service
 
 
 def state_directory(value: str | None) -> Path | None:
