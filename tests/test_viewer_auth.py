@@ -290,7 +290,7 @@ async def test_healthz_and_metrics_stay_open_status_needs_a_token(auth_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cors_preflight_from_allowed_and_refused_origins(auth_proxy, study):
+async def test_cors_preflight_from_allowed_and_refused_origins(auth_proxy, study, model_server):
     async def preflight(origin):
         response = await auth_proxy.client.request(
             "OPTIONS", auth_proxy.url + _path(study, OPEN_MODEL),
@@ -316,10 +316,19 @@ async def test_cors_preflight_from_allowed_and_refused_origins(auth_proxy, study
     assert refused.headers.getRawHeaders("vary") == ["Origin"]
     assert refused.headers.getRawHeaders("content-type") == ["application/problem+json"]
 
-    response, _ = await auth_proxy.get(_path(study, OPEN_MODEL),
-                                       headers={**_bearer(token()), "Origin": "https://evil.example"})
+    # A simple GET needs no pre-flight: a page of another origin is refused too,
+    # before any upstream call, even with a valid token.
+    before = model_server.last()
+    response, body = await auth_proxy.get(_path(study, OPEN_MODEL),
+                                          headers={**_bearer(token()), "Origin": "https://evil.example"})
+    assert response.code == 403
+    assert json.loads(body)["detail"] == "origin 'https://evil.example' is not allowed (--cors-origin)"
+    assert model_server.last() == before
     assert response.headers.getRawHeaders("access-control-allow-origin") is None
     assert response.headers.getRawHeaders("vary") == ["Origin"]
+    # Clients that are no browser page send no Origin and are let through.
+    response, body = await auth_proxy.get(_path(study, OPEN_MODEL), headers=_bearer(token()))
+    assert response.code == 200, body
     response, _ = await auth_proxy.get(_path(study, OPEN_MODEL),
                                        headers={**_bearer(token()), "Origin": "https://viewer.hospital.example"})
     assert response.headers.getRawHeaders("access-control-allow-origin") == ["https://viewer.hospital.example"]

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from twisted.web.server import Request
 
+from zhiva.errors import Forbidden
+from zhiva.web import problem
+
 ALLOW_HEADERS = b"Authorization, Accept, Content-Type"
 EXPOSE_HEADERS = b"X-Request-Id"
 
@@ -32,13 +35,17 @@ class CORSPolicy:
         origin = request.getHeader(b"origin")
         return self._any or origin is None or origin.decode("latin-1") in self._origins
 
-    def preflight(self, request: Request, methods: bytes) -> bytes:
-        if not self.allows(request):
-            from zhiva.errors import Forbidden
-            from zhiva.web import problem
+    def refusal(self, request: Request) -> Forbidden | None:
+        """The 403 for a request from an origin off the list; None when it may go on."""
+        if self.allows(request):
+            return None
+        shown = request.getHeader(b"origin").decode("latin-1")[:100]
+        return Forbidden(f"origin {shown!r} is not allowed (--cors-origin)")
 
-            shown = request.getHeader(b"origin").decode("latin-1")[:100]
-            return problem.prepare(request, Forbidden(f"origin {shown!r} is not allowed (--cors-origin)"))
+    def preflight(self, request: Request, methods: bytes) -> bytes:
+        refused = self.refusal(request)
+        if refused is not None:
+            return problem.prepare(request, refused)
         request.setResponseCode(204)
         request.setHeader(b"Access-Control-Allow-Methods", methods)
         request.setHeader(b"Access-Control-Allow-Headers", ALLOW_HEADERS)

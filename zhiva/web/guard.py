@@ -1,6 +1,7 @@
 """
 What every request passes before the resource tree sees it: HSTS, the URL
-length cap, and viewer authentication (``--viewer-auth-keys``).
+length cap, the origin allowlist (``--cors-origin``) and viewer
+authentication (``--viewer-auth-keys``).
 """
 from __future__ import annotations
 
@@ -38,8 +39,15 @@ def check(web, request: Request) -> ProblemError | None:
             f"the request target is {len(request.uri)} bytes; this proxy takes {limits.max_url_length} "
             "at most (--max-url-length)"
         )
+    if request.method == b"OPTIONS" or request.path in OPEN_PATHS:
+        return None  # pre-flights answer their own refusal; health and metrics stay open
+    # A browser sends a simple GET from any page without asking first: with an
+    # allowlist, a page of another origin must not start inferences either.
+    refused = web.cors.refusal(request)
+    if refused is not None:
+        return refused
     auth = web.viewer_auth
-    if auth is None or request.method == b"OPTIONS" or request.path in OPEN_PATHS:
+    if auth is None:
         return None
     try:
         request.viewer = auth.verify_header(request.getHeader(b"authorization"))
