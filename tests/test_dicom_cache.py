@@ -1,5 +1,5 @@
 """
-The on-disk DICOM cache (zhiva/dicom_cache.py) in front of a source the
+The on-disk DICOM cache (zhiva/dicom_cache/) in front of a source the
 test drives by hand: hits, TTL on a ``Clock``, LRU eviction, partial-write
 recovery, concurrent fills, backpressure towards a slow disk. Disk I/O runs
 in the cache's real threads; nothing here waits for a time to pass.
@@ -20,6 +20,7 @@ from zope.interface import implementer
 from zhiva import dicom_cache
 from zhiva.config import ServerConfig
 from zhiva.dicom_cache import PARTIAL_PREFIX, SUFFIX, CachedSource, DicomCache
+from zhiva.dicom_cache import files as dicom_files
 from zhiva.errors import UpstreamError
 from zhiva.interfaces import IInstanceConsumer, IRetrieval
 from zhiva.selection import Target
@@ -415,13 +416,13 @@ async def test_a_slow_disk_pauses_the_pacs_instead_of_buffering(caches, monkeypa
     cache = caches()
     cache.backlog_limit = 10_000
     gate = threading.Event()
-    write = dicom_cache._Writer.write
+    write = dicom_files.Writer.write
 
     def slow_write(self, chunks):
         gate.wait(30)
         write(self, chunks)
 
-    monkeypatch.setattr(dicom_cache._Writer, "write", slow_write)
+    monkeypatch.setattr(dicom_files.Writer, "write", slow_write)
     source = HandSource(auto=False)
     retrieval, consumer = start(cache, source, SERIES)
     try:

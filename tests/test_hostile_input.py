@@ -224,7 +224,7 @@ PATH_TRICKS = [
     (f"{P}/1.2;x=1", 400, "not a valid DICOM UID"),
     (f"{P}/1.2/series/" + "1" * 3000, 400, "not a valid DICOM UID"),
     (f"{P}/1.2/series/1.3/instances/" + "1." * 40 + "1", 400, "not a valid DICOM UID"),
-    (f"/predictions/%2e%2e/studies/1.2", 404, "no model"),
+    ("/predictions/%2e%2e/studies/1.2", 404, "no model"),
     (f"/predictions/{MODEL}%00/studies/1.2", 404, "no model"),
     ("/predictions/" + "a" * 4000 + "/studies/1.2", 404, "no model"),
     (f"/predictions/{MODEL}//studies/1.2", 404, "no such resource"),

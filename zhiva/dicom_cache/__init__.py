@@ -10,7 +10,6 @@ model asks for it, so the PACS is not asked twice.
 """
 from zhiva.dicom_cache.cache import DEFAULT_MAX_BYTES, DEFAULT_TTL, DicomCache, parse_size
 from zhiva.dicom_cache.files import PARTIAL_PREFIX, SUFFIX
-from zhiva.dicom_cache.files import Writer as _Writer  # tests slow the disk down through it
 from zhiva.dicom_cache.source import LOCAL_SCHEMES, CachedSource
 
 __all__ = [

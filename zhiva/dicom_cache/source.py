@@ -10,7 +10,6 @@ PACS is paused while the consumer is, or while the disk lags behind.
 """
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from zope.interface import implementer
 
 from zhiva.dicom_cache.cache import DicomCache
@@ -18,7 +17,7 @@ from zhiva.dicom_cache.files import Invalid, Reader, entry_name
 from zhiva.dicom_cache.fill import Fill
 from zhiva.errors import UpstreamError
 from zhiva.interfaces import IDicomSource, IInstanceConsumer, IRetrieval
-from zhiva.retrieval import settle
+from zhiva.retrieval import CoroutineRetrieval
 
 #: Retrieves of servers with these URI schemes are never cached: they are local already.
 LOCAL_SCHEMES = ("file",)
@@ -46,7 +45,7 @@ class CachedSource:
 
 
 @implementer(IRetrieval, IInstanceConsumer)
-class CachedRetrieval:
+class CachedRetrieval(CoroutineRetrieval):
     """
     Serves one target from the cache file, or fetches it from the inner
     source while writing it to a fill (this object is the inner retrieval's
@@ -54,6 +53,7 @@ class CachedRetrieval:
     """
 
     def __init__(self, source: CachedSource, target, consumer: IInstanceConsumer) -> None:
+        super().__init__()
         self._source = source
         self._cache = source.cache
         self._name = entry_name(source.server, target)
@@ -61,38 +61,24 @@ class CachedRetrieval:
         self._consumer = consumer
         #: True when served from disk, False when fetched; None before it is known.
         self.cached: bool | None = None
-        self._paused = False
-        self._stopped = False
-        self._resumed: Deferred[None] | None = None
-        self._waiting: Deferred | None = None
         self._inner: IRetrieval | None = None
         self._inner_paused = False
         self._fill: Fill | None = None
-        self._work = ensureDeferred(self._run())
-        self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
-        self._work.addBoth(lambda result: settle(self.done, result))
+        self._start()
 
     # IRetrieval
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        super().pauseProducing()
         self._steer()
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        if self._resumed is not None:
-            resumed, self._resumed = self._resumed, None
-            resumed.callback(None)
+        super().resumeProducing()
         self._steer()
 
-    def stopProducing(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+    def _stopping(self) -> None:
         if self._inner is not None:
             self._inner.stopProducing()
-        if self._waiting is not None:
-            self._waiting.cancel()
 
     # IInstanceConsumer: what the inner source sends on a miss
 
@@ -194,21 +180,3 @@ class CachedRetrieval:
             else:
                 self._inner.resumeProducing()
 
-    async def _wait(self, d: Deferred):
-        """Await ``d``; ``stopProducing`` cancels it."""
-        self._check()
-        self._waiting = d
-        try:
-            return await d
-        finally:
-            self._waiting = None
-
-    def _check(self) -> None:
-        if self._stopped:
-            raise CancelledError()
-
-    async def _unpaused(self) -> None:
-        self._check()
-        while self._paused:
-            self._resumed = Deferred()
-            await self._wait(self._resumed)

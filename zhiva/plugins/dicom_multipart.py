@@ -40,7 +40,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from zhiva.interfaces import IModelProtocol, IPlanEncoder
-from zhiva.selection import Fetch, Keyed, Node, Plan, Target
+from zhiva.selection import Fetch, Node, Plan, Target
 
 VERSION = "dicom-multipart/1"
 

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from zhiva.errors import NotFound, ProblemError, UpstreamError
 from zhiva.interfaces import IDicomSource, IDicomSourceFactory, IInstanceConsumer, IRetrieval
-from zhiva.retrieval import settle
+from zhiva.retrieval import CoroutineRetrieval
 from zhiva.selection import Target, is_uid
 
 #: Bytes read from disk per worker-thread call and passed on per instanceData.
@@ -392,59 +392,18 @@ class _File:
 
 
 @implementer(IRetrieval)
-class FolderRetrieval:
+class FolderRetrieval(CoroutineRetrieval):
     """
     Streams the files under one target; at most one chunk is read ahead, and
     nothing is read or delivered while paused.
     """
 
     def __init__(self, source: FolderSource, target: Target, consumer: IInstanceConsumer) -> None:
+        super().__init__()
         self._source = source
         self._target = target
         self._consumer = consumer
-        self._paused = False
-        self._stopped = False
-        self._resumed: Deferred[None] | None = None
-        self._waiting: Deferred | None = None
-        self._work = ensureDeferred(self._run())
-        self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
-        self._work.addBoth(lambda result: settle(self.done, result))
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._resumed is not None:
-            resumed, self._resumed = self._resumed, None
-            resumed.callback(None)
-
-    def stopProducing(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        # Only ever our own Deferreds are awaited, so cancelling is safe; when
-        # the coroutine is running (inside a consumer call) it sees _stopped.
-        if self._waiting is not None:
-            self._waiting.cancel()
-
-    async def _wait(self, d: Deferred):
-        self._check()
-        self._waiting = d
-        try:
-            return await d
-        finally:
-            self._waiting = None
-
-    def _check(self) -> None:
-        if self._stopped:
-            raise CancelledError()
-
-    async def _unpaused(self) -> None:
-        self._check()
-        while self._paused:
-            self._resumed = Deferred()
-            await self._wait(self._resumed)
+        self._start()
 
     async def _run(self) -> int:
         source = self._source
