@@ -15,6 +15,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from zhiva.durable import sync_directory
+
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 
@@ -76,23 +78,7 @@ class StateDir:
             except OSError:
                 pass
             raise
-        self._sync_directory()
+        sync_directory(self.path)
 
     def remove(self, name: str) -> None:
-        try:
-            (self.path / name).unlink()
-        except FileNotFoundError:
-            pass
-
-    def _sync_directory(self) -> None:
-        """Make the rename itself durable; best effort (not every FS allows it)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        (self.path / name).unlink(missing_ok=True)

@@ -27,6 +27,8 @@ from pathlib import Path
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
+from zhiva.durable import sync_directory
+
 SUFFIX = ".dcmc"
 PARTIAL_PREFIX = ".fill-"
 MAGIC = b"ZHIVAC01"
@@ -103,24 +105,7 @@ def scan(directory: Path) -> tuple[list[tuple[str, int, float, float]], int, int
 
 def unlink(path) -> None:
     """Delete ``path``; already gone is fine."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _sync_directory(path: Path) -> None:
-    """Make a rename durable; best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    Path(path).unlink(missing_ok=True)
 
 
 def reason(failure: Failure) -> str:
@@ -204,7 +189,7 @@ class Writer:
         os.close(self._fd)
         self._fd = None
         os.replace(self.path, final)
-        _sync_directory(final.parent)
+        sync_directory(final.parent)
         return size
 
     def abort(self) -> None:
