@@ -38,7 +38,8 @@ from zhiva.upstream import (
     IdleTimeout,
     Upstream,
     describe,
-    is_cancellation,
+    NoAnswer,
+    answer_within,
     public_uri,
     read_body,
 )
@@ -339,12 +340,6 @@ class Relay:
         model = job.model
         name = f"model {model.key}"
         upstream = self._model_upstream(model.ca_file, model.tls_verify)
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            request.cancel()
-
         timings.model_started = time.monotonic()
         request = upstream.client.post(
             model.uri,
@@ -353,36 +348,31 @@ class Relay:
             unbuffered=True,
             allow_redirects=False,
         )
-        timer = self._reactor.callLater(model.timeout, on_timeout)
         try:
-            try:
-                response = await request
-            except Exception as e:
-                if timed_out:
-                    raise UpstreamTimeout(f"{name} did not answer within {model.timeout:g} s") from None
-                if is_cancellation(e):
-                    raise CancelledError() from None
-                if body.error is not None:
-                    raise body.error from None
-                raise UpstreamError(
-                    f"{name} is unreachable at {public_uri(model.uri)}: {describe(Failure(e))}"
-                ) from None
+            response = await answer_within(request, self._reactor, model.timeout)
+        except NoAnswer:
+            raise UpstreamTimeout(f"{name} did not answer within {model.timeout:g} s") from None
+        except CancelledError:
+            raise
+        except Exception as e:
             if body.error is not None:
-                raise body.error
-            timings.stage = f"reading the answer of {name}"
-            try:
-                answer = await read_body(response, self._reactor, model.timeout, self.limits.max_result_bytes)
-            except IdleTimeout:
-                raise UpstreamTimeout(f"{name} stopped sending its answer for {model.timeout:g} s") from None
-            except BodyTooLarge:
-                raise UpstreamError(
-                    f"{name} answered more than {self.limits.max_result_bytes} bytes (--max-result-bytes)"
-                ) from None
-            except ConnectionClosed as e:
-                raise UpstreamError(f"{name} broke off its answer: {e}") from None
-        finally:
-            if timer.active():
-                timer.cancel()
+                raise body.error from None
+            raise UpstreamError(
+                f"{name} is unreachable at {public_uri(model.uri)}: {describe(Failure(e))}"
+            ) from None
+        if body.error is not None:
+            raise body.error
+        timings.stage = f"reading the answer of {name}"
+        try:
+            answer = await read_body(response, self._reactor, model.timeout, self.limits.max_result_bytes)
+        except IdleTimeout:
+            raise UpstreamTimeout(f"{name} stopped sending its answer for {model.timeout:g} s") from None
+        except BodyTooLarge:
+            raise UpstreamError(
+                f"{name} answered more than {self.limits.max_result_bytes} bytes (--max-result-bytes)"
+            ) from None
+        except ConnectionClosed as e:
+            raise UpstreamError(f"{name} broke off its answer: {e}") from None
         if response.code != 200:
             raise UpstreamError(f"{name} answered HTTP {response.code}{_excerpt(answer)}")
         return answer

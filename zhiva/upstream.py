@@ -228,6 +228,38 @@ def read_body(response, clock, idle_timeout: float, max_bytes: int) -> Deferred[
     return reader.finished.addCallback(lambda _: b"".join(chunks))
 
 
+class NoAnswer(Exception):
+    """The upstream sent no response within its time (``answer_within``)."""
+
+
+async def answer_within(request: Deferred, clock: IReactorTime, seconds: float):
+    """
+    ``await request``, cancelling it after ``seconds``. Raises ``NoAnswer``
+    then, whatever the cancel surfaced as (treq wraps it differently at each
+    stage: ``Deferred.addTimeout`` only converts a bare ``CancelledError``),
+    and a plain ``CancelledError`` for a cancel from outside (the viewer hung
+    up); any other failure as it came.
+    """
+    timed_out = []
+
+    def on_timeout() -> None:
+        timed_out.append(True)
+        request.cancel()
+
+    timer = clock.callLater(seconds, on_timeout)
+    try:
+        return await request
+    except Exception as e:
+        if timed_out:
+            raise NoAnswer() from None
+        if is_cancellation(e):
+            raise CancelledError() from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
 def is_cancellation(exc: BaseException) -> bool:
     """True when ``exc`` is, or wraps, our own cancel of the request."""
     if isinstance(exc, CancelledError):

@@ -23,7 +23,8 @@ from zhiva.upstream import (
     StreamReader,
     Upstream,
     describe,
-    is_cancellation,
+    NoAnswer,
+    answer_within,
 )
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -180,34 +181,20 @@ class DicomWebSource:
         )
 
     async def _request(self, url: str, headers: dict, target: Target):
-        timed_out = []
-
-        def on_timeout(d: Deferred) -> None:
-            timed_out.append(True)
-            d.cancel()
-
-        d = self._upstream.client.get(
-            url, headers=headers, unbuffered=True, allow_redirects=False
-        )
-        timer = self.clock.callLater(self.server.timeout, on_timeout, d)
+        d = self._upstream.client.get(url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
-            return await d
+            return await answer_within(d, self.clock, self.server.timeout)
+        except NoAnswer:
+            raise UpstreamTimeout(
+                f"PACS server {self.server.key} did not answer within "
+                f"{self.server.timeout:g} s for {target.describe()}"
+            ) from None
+        except (CancelledError, ProblemError):
+            raise
         except Exception as e:
-            if timed_out:
-                raise UpstreamTimeout(
-                    f"PACS server {self.server.key} did not answer within "
-                    f"{self.server.timeout:g} s for {target.describe()}"
-                ) from None
-            if is_cancellation(e):
-                raise CancelledError() from None
-            if isinstance(e, ProblemError):
-                raise
             raise UpstreamError(
                 f"PACS server {self.server.key} is unreachable: {describe(Failure(e))}"
             ) from None
-        finally:
-            if timer.active():
-                timer.cancel()
 
     def discard(self, response) -> None:
         """Drop a body we will not read, closing the connection rather than reading it."""

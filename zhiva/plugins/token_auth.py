@@ -40,7 +40,15 @@ from zope.interface import implementer
 from zhiva.errors import ProblemError, UpstreamError
 from zhiva.interfaces import IPacsAuth, IPacsAuthScheme
 from zhiva.state import StateDir
-from zhiva.upstream import BodyTooLarge, ConnectionClosed, IdleTimeout, describe, is_cancellation, read_body
+from zhiva.upstream import (
+    BodyTooLarge,
+    ConnectionClosed,
+    IdleTimeout,
+    NoAnswer,
+    answer_within,
+    describe,
+    read_body,
+)
 
 #: Renew this long before ``exp``, or 10% of the token's lifetime when that is
 #: longer; never more than half the lifetime (tokens of a few seconds).
@@ -445,25 +453,15 @@ class TokenSession:
         """POST and read a small answer; ``SignInFailed`` unless it is a 2xx."""
         where = f"{step} {_public(url)}"
         timeout = self.server.timeout
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            request.cancel()
-
         request = self._client.post(url, data=data, headers=headers, allow_redirects=False, unbuffered=True)
-        timer = self._clock.callLater(timeout, on_timeout)
         try:
-            response = await request
+            response = await answer_within(request, self._clock, timeout)
+        except NoAnswer:
+            raise SignInFailed(f"{where} did not answer within {timeout:g} s") from None
+        except CancelledError:
+            raise
         except Exception as e:
-            if timed_out:
-                raise SignInFailed(f"{where} did not answer within {timeout:g} s") from None
-            if is_cancellation(e):
-                raise CancelledError() from None
             raise SignInFailed(f"{where} is unreachable: {describe(Failure(e))}") from None
-        finally:
-            if timer.active():
-                timer.cancel()
         try:
             body = await read_body(response, self._clock, timeout, MAX_ANSWER_BYTES)
         except IdleTimeout:
