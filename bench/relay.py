@@ -25,7 +25,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import ssl
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import listening, percentile, proc_kb, wait_for  # noqa: E402
 from tests.support.dicomgen import _base_dataset, _write_series, make_study  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 from tests.support.proxy import free_port, make_certificate, write_config  # noqa: E402
@@ -112,29 +112,6 @@ def run_sink(portfile: Path) -> None:
 # --- helpers ---
 
 
-def wait_for(predicate, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def proc_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def curl(url: str, *extra: str) -> float:
     """Seconds for one curl GET to /dev/null; raises unless HTTP 200."""
     started = time.perf_counter()
@@ -203,11 +180,6 @@ class Health:
                 raise RuntimeError(f"/healthz answered {response.status}")
             time.sleep(0.01)
         connection.close()
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 # --- the run ---

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.series_once import rss_kb, wait_for_port  # noqa: E402
+from bench.common import listening, percentile, proc_kb, wait_for  # noqa: E402
 from tests.support.dicomgen import make_study  # noqa: E402
 from tests.support.model_server import ModelServer  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
@@ -37,13 +37,6 @@ SERVER = "11111111-1111-4111-8111-111111111111"
 DOWN = "44444444-4444-4444-8444-444444444444"
 MODEL = "aaaaaaaa-0000-4000-8000-000000000003"
 FAILING = "aaaaaaaa-0000-4000-8000-000000000008"
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -80,7 +73,7 @@ def main() -> None:
                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's zhiva
                 )
                 try:
-                    wait_for_port(port)
+                    wait_for(lambda: listening(port), "the proxy")
                     stats = run(port, study, big, small, args)
                 finally:
                     proxy.terminate()
@@ -111,7 +104,7 @@ def run(port, study, big, small, args):
     outcomes: Counter = Counter()
     details: Counter = Counter()  # what went wrong where success was due
     pid = proxy_pid(port)
-    rss_start = rss_kb(pid, "VmRSS")
+    rss_start = proc_kb(pid, "VmRSS")
     deadline = time.monotonic() + args.seconds
 
     def client(seed: int) -> None:
@@ -153,7 +146,7 @@ def run(port, study, big, small, args):
     wall = time.monotonic() - started
     return {
         "latencies": latencies, "outcomes": outcomes, "wall": wall, "details": details,
-        "rss_start": rss_start, "rss_end": rss_kb(pid, "VmRSS"), "rss_peak": rss_kb(pid, "VmHWM"),
+        "rss_start": rss_start, "rss_end": proc_kb(pid, "VmRSS"), "rss_peak": proc_kb(pid, "VmHWM"),
     }
 
 
