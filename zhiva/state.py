@@ -15,8 +15,6 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from zhiva.durable import sync_directory
-
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 
@@ -59,8 +57,12 @@ class StateDir:
     def write(self, name: str, value: dict[str, Any]) -> None:
         """
         Replace the document ``name`` with ``value``: written to a temporary
-        file of mode 0600 in the same directory, synced, then renamed over
-        the old one. Raises ``OSError``.
+        file of mode 0600 in the same directory, then renamed over the old
+        one. Raises ``OSError``.
+
+        Not fsynced: this runs on the reactor thread, where an fsync may
+        stall every request for as long as a slow disk takes, and what a
+        power cut can cost is one sign-in (a torn file is ignored as malformed).
         """
         self.prepare()
         data = json.dumps(value, sort_keys=True).encode("utf-8")
@@ -69,8 +71,6 @@ class StateDir:
             os.fchmod(fd, FILE_MODE)  # mkstemp's default, stated rather than assumed
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
             os.replace(temporary, self.path / name)
         except BaseException:
             try:
@@ -78,7 +78,6 @@ class StateDir:
             except OSError:
                 pass
             raise
-        sync_directory(self.path)
 
     def remove(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)

@@ -27,8 +27,6 @@ from pathlib import Path
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
-from zhiva.durable import sync_directory
-
 SUFFIX = ".dcmc"
 PARTIAL_PREFIX = ".fill-"
 MAGIC = b"ZHIVAC01"
@@ -106,6 +104,20 @@ def scan(directory: Path) -> tuple[list[tuple[str, int, float, float]], int, int
 def unlink(path) -> None:
     """Delete ``path``; already gone is fine."""
     Path(path).unlink(missing_ok=True)
+
+
+def sync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable; best effort (not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def reason(failure: Failure) -> str:
