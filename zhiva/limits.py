@@ -22,7 +22,8 @@ class Limits:
     max_instances: int = 5000
     #: DICOM bytes one request may fetch from the PACS; more: 413.
     max_fetch_bytes: int = 4 << 30
-    #: Bytes a model's answer may have; more: 502.
+    #: Bytes a model's answer may have; more: 502. A segmentation of a big
+    #: series is ~100 MB of JSON: leave room.
     max_result_bytes: int = 1 << 30
     #: Requests one model gets at once; the others wait in its queue.
     model_concurrency: int = 4

@@ -36,16 +36,13 @@ from zhiva.upstream import (
     BodyTooLarge,
     ConnectionClosed,
     IdleTimeout,
-    Upstream,
-    describe,
     NoAnswer,
+    Upstream,
     answer_within,
+    describe,
     public_uri,
     read_body,
 )
-
-# A segmentation of a big series is ~100 MB of JSON; leave room.
-MAX_RESULT_BYTES = Limits.max_result_bytes
 
 
 @dataclass(frozen=True)

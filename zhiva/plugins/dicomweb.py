@@ -20,11 +20,11 @@ from zhiva.upstream import (
     BodyTooLarge,
     ConnectionClosed,
     IdleTimeout,
+    NoAnswer,
     StreamReader,
     Upstream,
-    describe,
-    NoAnswer,
     answer_within,
+    describe,
 )
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
